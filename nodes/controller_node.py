@@ -1,0 +1,142 @@
+"""P2P Controller: encodes the edit's prompts, patches the model and lays out the latent batch."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..p2p_attention.controller import CONTROLLER, P2PController as Controller, build_plan
+from ..p2p_attention.edits import P2PEdit, parse_word_values
+from ..p2p_attention.errors import P2PError
+from .patch import install, percent_to_sigma
+from .tokenize import encode_prompt, prompt_tokens
+
+
+def batched_conditioning(conds: list[torch.Tensor], pooled: list[torch.Tensor | None]) -> list:
+    """One CONDITIONING whose batch rows are the prompts, in order: ComfyUI gives latent row i
+    the conditioning row i. Shorter prompts are repeated to a common length, as ComfyUI itself
+    does when it batches conditionings (attention over repeated keys is unchanged)."""
+    length = math.lcm(*(c.shape[1] for c in conds))
+    cond = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds])
+    extras = {}
+    if all(p is not None for p in pooled):
+        extras["pooled_output"] = torch.cat(pooled)
+    return [[cond, extras]]
+
+
+def shared_noise_latent(latent: dict, images: int) -> dict:
+    """The latent repeated once per image, with one ``batch_index`` so that every image starts
+    from the same noise in KSampler, KSamplerAdvanced and SamplerCustom."""
+    samples = latent["samples"]
+    if samples.shape[0] != 1:
+        raise P2PError(
+            CONTROLLER,
+            "latent",
+            f"the latent has a batch of {samples.shape[0]}; the controller makes the batch itself "
+            "(the source followed by one image per target).",
+            "give it a batch-1 latent (Empty Latent Image with batch_size 1, or one encoded image).",
+        )
+    index = latent.get("batch_index", [0])[0]
+    out = {key: value for key, value in latent.items() if key not in ("samples", "batch_index", "noise_mask")}
+    out["samples"] = samples.repeat(images, 1, 1, 1)
+    out["batch_index"] = [index] * images
+    if "noise_mask" in latent:
+        out["noise_mask"] = latent["noise_mask"]
+    return out
+
+
+def _fraction(name: str, tooltip: str, default: float) -> tuple:
+    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip})
+
+
+class P2PController:
+    DESCRIPTION = (
+        "Prompt-to-Prompt: generates the source image and the edited images together from the same "
+        "noise, injecting the source's attention into the edits. Plug model -> sampler model, "
+        "positive -> sampler positive (any negative prompt), latent -> sampler latent_image; the "
+        "decoded batch is the source followed by the edits. Deterministic samplers (euler, ddim, "
+        "dpmpp_2m, uni_pc, heun, lcm, ...) work in the stock KSampler. Ancestral and SDE samplers "
+        "draw separate noise per image there: use SamplerCustom with P2P Shared Noise Sampler."
+    )
+    CATEGORY = "P2P"
+    RETURN_TYPES = ("MODEL", "CONDITIONING", "LATENT")
+    RETURN_NAMES = ("model", "positive", "latent")
+    OUTPUT_TOOLTIPS = (
+        "The model with the attention edit patched in (a clone; the input model is unchanged).",
+        "The source and target prompts as one batched conditioning: use as the sampler's positive.",
+        "One latent per image (source first) sharing one noise: use as the sampler's latent_image.",
+    )
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x or SDXL model."}),
+                "clip": ("CLIP", {"tooltip": "The model's CLIP, used to tokenize and encode the edit's prompts."}),
+                "p2p_edit": ("P2P_EDIT", {"tooltip": "From P2P Word Swap, P2P Refine or P2P Reweight."}),
+                "latent": (
+                    "LATENT",
+                    {"tooltip": "A batch-1 latent: Empty Latent Image, or an encoded / inverted image."},
+                ),
+                "cross_replace_steps": _fraction(
+                    "cross_replace_steps",
+                    "Fraction of the schedule (from the start, as ComfyUI's start/end percent) during which "
+                    "the edits take the source's cross-attention maps. Higher keeps more of the source; "
+                    "the paper uses 0.8.",
+                    0.8,
+                ),
+                "self_replace_steps": _fraction(
+                    "self_replace_steps",
+                    "Fraction of the schedule during which the edits take the source's self-attention "
+                    "(layout and shapes). Lower lets the edit change shape more; typical 0.2-0.6.",
+                    0.4,
+                ),
+            },
+            "optional": {
+                "cross_replace_words": (
+                    "STRING",
+                    {
+                        "multiline": False,
+                        "default": "",
+                        "tooltip": "Per-word cross_replace_steps for words of the target prompts, e.g. "
+                        "'lasagne: 0.2, pizza: 0.5' (the paper's dictionary form).",
+                    },
+                ),
+            },
+        }
+
+    def apply(
+        self,
+        model: Any,
+        clip: Any,
+        p2p_edit: P2PEdit,
+        latent: dict,
+        cross_replace_steps: float,
+        self_replace_steps: float,
+        cross_replace_words: str = "",
+    ) -> tuple:
+        if clip is None:
+            raise P2PError(CONTROLLER, "clip", "no CLIP is connected.", "connect the checkpoint loader's CLIP output.")
+        if not isinstance(p2p_edit, P2PEdit):
+            raise P2PError(CONTROLLER, "p2p_edit", "this input is not a P2P edit.", "connect P2P Word Swap, Refine or Reweight.")
+        words = parse_word_values(cross_replace_words, cross_replace_steps, CONTROLLER, "cross_replace_words") if cross_replace_words.strip() else []
+        for word, fraction in words:
+            if not 0.0 <= fraction <= 1.0:
+                raise P2PError(CONTROLLER, "cross_replace_words", f"{word!r}: {fraction} is outside 0..1.", "use fractions of the schedule between 0 and 1.")
+        prompts = [p2p_edit.source] + [t.prompt for t in p2p_edit.targets]
+        encoded = {text: encode_prompt(clip, text) for text in prompts}
+        for tokens, cond, _ in encoded.values():
+            if cond.shape[1] != len(tokens):
+                raise P2PError(
+                    CONTROLLER,
+                    "clip",
+                    f"this text encoder gives {cond.shape[1]} conditioning columns for {len(tokens)} tokens.",
+                    "use the CLIP of an SD1.x, SD2.x or SDXL checkpoint.",
+                )
+        tokenize = lambda text: encoded[text][0] if text in encoded else prompt_tokens(clip, text)  # noqa: E731
+        plan = build_plan(p2p_edit, tokenize, cross_replace_steps, self_replace_steps, words)
+        controller = Controller(plan, percent_to_sigma(model))
+        positive = batched_conditioning([encoded[t][1] for t in prompts], [encoded[t][2] for t in prompts])
+        return install(model, controller), positive, shared_noise_latent(latent, controller.images)

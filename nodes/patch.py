@@ -1,0 +1,106 @@
+"""Installing the controller on a ComfyUI model through the model patcher's attention replace API."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from comfy.ldm.modules.attention import optimized_attention
+
+from ..p2p_attention.controller import CONTROLLER, AttentionCall, P2PController
+from ..p2p_attention.errors import P2PError
+
+Site = tuple[str, int, int]  # (block name, block number, transformer index): ComfyUI's patch key
+
+
+def attention_sites(model: Any) -> list[Site]:
+    """Every transformer block with cross-attention in the UNet (16 in SD1.5, 70 in SDXL)."""
+    unet = getattr(model.model, "diffusion_model", None)
+    groups = [("input", getattr(unet, "input_blocks", None)), ("middle", [getattr(unet, "middle_block", None)]), ("output", getattr(unet, "output_blocks", None))]
+    if unet is None or any(blocks is None or None in list(blocks) for _, blocks in groups):
+        raise P2PError(
+            CONTROLLER,
+            "model",
+            f"{type(model.model).__name__} is not a UNet with SD-style cross-attention blocks.",
+            "load an SD1.x, SD2.x or SDXL checkpoint (Prompt-to-Prompt edits their text cross-attention).",
+        )
+    sites = []
+    for name, blocks in groups:
+        for number, block in enumerate(blocks):
+            for layer in block:
+                for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
+                    if getattr(transformer, "attn2", None) is not None:
+                        sites.append((name, number, index))
+    if not sites:
+        raise P2PError(
+            CONTROLLER,
+            "model",
+            "this model has no cross-attention layers, so there is no text attention to edit.",
+            "load an SD1.x, SD2.x or SDXL checkpoint.",
+        )
+    return sites
+
+
+def percent_to_sigma(model: Any) -> Callable[[float], float]:
+    """ComfyUI's schedule fraction -> sigma (as start/end percent in ControlNet and conditioning)."""
+    if hasattr(model, "get_model_object"):
+        sampling = model.get_model_object("model_sampling")
+    else:  # ComfyUI before mid 2024
+        sampling = model.object_patches.get("model_sampling", model.model.model_sampling)
+    return sampling.percent_to_sigma
+
+
+def map_downscale(original_shape: list[int], queries: int) -> int:
+    """How much smaller than the latent this layer's attention map is: 1, 2, 4, ..."""
+    height, width = original_shape[-2:]
+    for downscale in (1, 2, 4, 8, 16, 32, 64):
+        if math.ceil(height / downscale) * math.ceil(width / downscale) == queries:
+            return downscale
+    raise RuntimeError(f"{queries} attention queries match no downscale of a {height}x{width} latent")
+
+
+class AttentionPatch:
+    """One replace patch: the controller's method for a site, over the patch it replaces (if any).
+
+    ComfyUI deep-copies ``model_options`` on every clone; ``__deepcopy__`` returns ``self`` so the
+    clones downstream (LoRA loaders, other patch nodes) share this patch instead of copying it.
+    """
+
+    def __init__(self, method: Callable, previous: Callable | None, site: tuple) -> None:
+        self.method = method
+        self.previous = previous
+        self.site = site
+
+    def __deepcopy__(self, memo: dict) -> "AttentionPatch":
+        return self
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        heads = extra_options["n_heads"]
+        call = AttentionCall(
+            heads=heads,
+            sigma=float(extra_options["sigmas"].max()),
+            chunks=tuple(c == 0 for c in extra_options["cond_or_uncond"]),
+            downscale=map_downscale(extra_options["original_shape"], q.shape[1]),
+            site=self.site,
+        )
+        if self.previous is None:
+            attend = lambda q, k, v: optimized_attention(q, k, v, heads)  # noqa: E731
+        else:
+            attend = lambda q, k, v: self.previous(q, k, v, extra_options)  # noqa: E731
+        return self.method(q, k, v, call, attend)
+
+
+def install(model: Any, controller: P2PController) -> Any:
+    """A clone of ``model`` whose every attention site runs through ``controller``."""
+    sites = attention_sites(model)
+    patched = model.clone()
+    replace = patched.model_options.get("transformer_options", {}).get("patches_replace", {})
+    for kind, method, setter in (
+        ("attn1", controller.self_attention, patched.set_model_attn1_replace),
+        ("attn2", controller.cross_attention, patched.set_model_attn2_replace),
+    ):
+        existing = replace.get(kind, {})
+        for site in sites:
+            previous = existing.get(site, existing.get(site[:2]))
+            setter(AttentionPatch(method, previous, site), site[0], site[1], site[2])
+    return patched

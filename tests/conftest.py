@@ -1,0 +1,102 @@
+"""Fixtures: one real ComfyUI host per test session, tiny real-architecture models, the executor."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import comfy_host
+import tiny_models
+import workflow_api
+
+WORKFLOWS = comfy_host.REPO_ROOT / "workflows"
+CAPTURED: dict[str, Any] = {}
+
+
+def _capture_node(kind: str) -> type:
+    """A test-only output node that keeps what it receives, so tests can read executor outputs."""
+
+    class Capture:
+        CATEGORY = "testing"
+        RETURN_TYPES = ()
+        OUTPUT_NODE = True
+        FUNCTION = "capture"
+
+        @classmethod
+        def INPUT_TYPES(cls) -> dict:
+            return {"required": {"value": (kind,), "key": ("STRING", {"default": "out"})}}
+
+        def capture(self, value: Any, key: str) -> dict:
+            CAPTURED[key] = value
+            return {}
+
+    Capture.__name__ = f"TestCapture{kind.title()}"
+    return Capture
+
+
+CAPTURE_NODES = {f"TestCapture{k.title()}": _capture_node(k) for k in ("LATENT", "IMAGE", "MASK", "MODEL")}
+
+
+@pytest.fixture(scope="session")
+def host(tmp_path_factory: pytest.TempPathFactory) -> comfy_host.Host:
+    """ComfyUI booted in-process with this pack loaded, and tiny checkpoints in its models folder.
+
+    A host that cannot be loaded raises: the suite fails loudly instead of skipping.
+    """
+    booted = comfy_host.boot(tmp_path_factory.mktemp("comfy"), extra_nodes=CAPTURE_NODES)
+    tiny_models.register_tiny_architectures()
+    checkpoints = booted.work_dir / "models" / "checkpoints"
+    for kind in tiny_models.KINDS:
+        tiny_models.write_tiny_checkpoint(kind, checkpoints / tiny_models.tiny_checkpoint_name(kind), seed=0)
+    return booted
+
+
+@pytest.fixture(scope="session")
+def load_tiny(host: comfy_host.Host):
+    """``load_tiny(kind) -> (model, clip, vae)`` through the stock CheckpointLoaderSimple."""
+    cache: dict[str, tuple] = {}
+
+    def load(kind: str) -> tuple:
+        if kind not in cache:
+            with torch.inference_mode():
+                cache[kind] = host.nodes.CheckpointLoaderSimple().load_checkpoint(tiny_models.tiny_checkpoint_name(kind))[:3]
+        return cache[kind]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def run_workflow(host: comfy_host.Host):
+    """Run a shipped workflow (UI format) unchanged but for the checkpoint file, through the executor."""
+
+    def run(name: str, kind: str = "sd15", edit: Any = None) -> dict[str, Any]:
+        workflow = json.loads((WORKFLOWS / name).read_text())
+        prompt = workflow_api.to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)
+        for node in prompt.values():
+            if node["class_type"] in ("CheckpointLoaderSimple", "P2PCheckpointLoader"):
+                node["inputs"]["ckpt_name"] = tiny_models.tiny_checkpoint_name(kind)
+        if edit is not None:
+            edit(prompt)
+        result = host.execute(prompt)
+        result["prompt"] = prompt
+        return result
+
+    return run
+
+
+@pytest.fixture()
+def captured() -> dict[str, Any]:
+    CAPTURED.clear()
+    return CAPTURED
+
+
+def saved_images(host: comfy_host.Host, result: dict) -> list[Path]:
+    """Files the SaveImage nodes of an executed prompt wrote."""
+    files = []
+    for ui in result["ui"].values():
+        for image in (ui or {}).get("images", []):
+            files.append(Path(host.folder_paths.get_output_directory()) / image.get("subfolder", "") / image["filename"])
+    return files

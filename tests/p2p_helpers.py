@@ -1,0 +1,63 @@
+"""Running P2P and plain generations on the real host with stock nodes, for mechanism tests."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+NEGATIVE = "blurry, low quality"
+
+
+def controller_of(model: Any) -> Any:
+    """The P2P controller installed on a patched model (every site shares it)."""
+    patches = model.model_options["transformer_options"]["patches_replace"]["attn2"]
+    return next(iter(patches.values())).method.__self__
+
+
+def p2p(host: Any, model: Any, clip: Any, edit: Any, cross: float = 0.8, self_: float = 0.4, words: str = "", size: int = 64) -> tuple:
+    """(patched model, positive, latent) from the P2P Controller node."""
+    latent = host.nodes.EmptyLatentImage().generate(size, size, 1)[0]
+    with torch.inference_mode():
+        return host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(model, clip, edit, latent, cross, self_, words)
+
+
+def sample(host: Any, model: Any, clip: Any, positive: Any, latent: dict, sampler: str = "euler", steps: int = 4, cfg: float = 7.5, seed: int = 3, scheduler: str = "normal") -> torch.Tensor:
+    """A stock KSampler run; returns the sampled latent."""
+    with torch.inference_mode():
+        negative = host.nodes.CLIPTextEncode().encode(clip, NEGATIVE)[0]
+        out = host.nodes.KSampler().sample(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]
+    return out["samples"]
+
+
+def plain(host: Any, model: Any, clip: Any, prompt: str, size: int = 64, **kwargs: Any) -> torch.Tensor:
+    """An ordinary generation of ``prompt`` (batch 1) with the same noise as a P2P run's rows."""
+    with torch.inference_mode():
+        positive = host.nodes.CLIPTextEncode().encode(clip, prompt)[0]
+    latent = host.nodes.EmptyLatentImage().generate(size, size, 1)[0]
+    return sample(host, model, clip, positive, latent, **kwargs)
+
+
+def edits(host: Any) -> Any:
+    return host.pack.p2p_attention.edits
+
+
+def swap(host: Any, source: str, target: str, previous: Any = None) -> Any:
+    return edits(host).add_target(previous, source, target, edits(host).WORD_SWAP, "P2P Word Swap")
+
+
+def refine(host: Any, source: str, target: str) -> Any:
+    return edits(host).add_target(None, source, target, edits(host).REFINE, "P2P Refine")
+
+
+def reweight(host: Any, words: str, scale: float, previous: Any = None, prompt: str = "") -> Any:
+    return edits(host).reweight(previous, prompt, words, scale, "P2P Reweight")
+
+
+class MapRecorder:
+    """Keeps every cross-attention map the controller reports (conditional branch)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, torch.Tensor]] = []
+
+    def record(self, call: Any, probs: torch.Tensor) -> None:
+        self.calls.append((call, probs.clone()))

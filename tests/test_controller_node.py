@@ -1,0 +1,163 @@
+"""P2P Controller as a ComfyUI citizen: clones, no mutation, chaining, no leaking state, clear errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from p2p_helpers import controller_of, p2p, plain, reweight, sample, swap
+
+PROMPT = "a photo of a cat riding a bicycle"
+TARGET = "a photo of a dog riding a bicycle"
+
+
+def test_inputs_are_not_mutated_and_the_model_is_a_clone(host, load_tiny):
+    model, clip, _ = load_tiny("sd15")
+    options_before = copy.deepcopy(model.model_options)
+    latent = host.nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+    samples_before = latent["samples"].clone()
+    edit = swap(host, PROMPT, TARGET)
+    patched, positive, out_latent = host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(model, clip, edit, latent, 0.8, 0.4)
+    assert patched is not model and patched.model is model.model
+    assert model.model_options == options_before
+    assert set(latent) == {"samples"} and torch.equal(latent["samples"], samples_before)
+    assert len(edit.targets) == 1
+    sites = host.pack.nodes.patch.attention_sites(model)
+    replace = patched.model_options["transformer_options"]["patches_replace"]
+    assert set(replace["attn1"]) == set(replace["attn2"]) == set(sites) and len(sites) > 0
+
+
+def test_patches_survive_clone_and_state_does_not_leak_between_runs(host, load_tiny):
+    model, clip, _ = load_tiny("sd15")
+    patched, positive, latent = p2p(host, model, clip, swap(host, PROMPT, TARGET))
+    first = sample(host, patched, clip, positive, latent)
+    downstream = patched.clone()  # what a LoRA loader or another patch node does
+    assert controller_of(downstream) is controller_of(patched)
+    assert torch.equal(sample(host, downstream, clip, positive, latent), first)
+    other = sample(host, patched, clip, positive, latent, seed=11)  # a second sampler on the same model
+    assert not torch.equal(other, first)
+    assert torch.equal(sample(host, patched, clip, positive, latent), first)
+
+
+def test_chains_to_an_attention_patch_already_on_the_model(host, load_tiny):
+    """Another pack's replace patch in the same slots keeps running under the P2P patch."""
+    model, clip, _ = load_tiny("sd15")
+    from comfy.ldm.modules.attention import optimized_attention
+
+    calls = {"attn1": 0, "attn2": 0}
+
+    def scaled(kind):
+        def patch(q, k, v, extra_options):
+            calls[kind] += 1
+            return optimized_attention(q, k, v, extra_options["n_heads"]) * 0.5
+
+        return patch
+
+    other = model.clone()
+    for site in host.pack.nodes.patch.attention_sites(model):
+        other.set_model_attn1_replace(scaled("attn1"), site[0], site[1], site[2])
+        other.set_model_attn2_replace(scaled("attn2"), site[0], site[1])  # a two-part key, as some packs use
+    patched, positive, latent = p2p(host, other, clip, swap(host, PROMPT, PROMPT), cross=1.0, self_=1.0)
+    out = sample(host, patched, clip, positive, latent)
+    assert calls["attn1"] > 0 and calls["attn2"] > 0
+    torch.testing.assert_close(out[1], out[0], atol=1e-4, rtol=0)  # P2P still applies
+    torch.testing.assert_close(out[0], plain(host, other, clip, PROMPT)[0], atol=1e-4, rtol=0)  # so does the other patch
+    assert not torch.allclose(out[0], plain(host, model, clip, PROMPT)[0], atol=1e-3)
+
+
+def test_executor_runs_twice_with_cached_patched_model(host, captured):
+    import tiny_models
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_models.tiny_checkpoint_name("sd15")}},
+        "2": {"class_type": "P2PWordSwap", "inputs": {"source": PROMPT, "target": TARGET}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "P2PController", "inputs": {"model": ["1", 0], "clip": ["1", 1], "p2p_edit": ["2", 0], "latent": ["3", 0],
+                                                         "cross_replace_steps": 0.8, "self_replace_steps": 0.4}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
+        "6": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": 1, "steps": 3, "cfg": 7.0, "sampler_name": "euler",
+                                                   "scheduler": "normal", "positive": ["4", 1], "negative": ["5", 0],
+                                                   "latent_image": ["4", 2], "denoise": 1.0}},
+        "7": {"class_type": "TestCaptureLatent", "inputs": {"value": ["6", 0], "key": "a"}},
+    }
+    first = host.execute(prompt)
+    a = captured["a"]["samples"].clone()
+    prompt["6"]["inputs"]["seed"] = 2  # re-runs the sampler only; the patched MODEL comes from the cache
+    host.execute(prompt, executor=first["executor"])
+    prompt["6"]["inputs"]["seed"] = 1
+    host.execute(prompt, executor=first["executor"])
+    assert torch.equal(captured["a"]["samples"], a)
+
+
+@pytest.mark.parametrize(
+    "make_edit, match",
+    [
+        (lambda h: reweight(h, "zebra", 2.0, prompt=PROMPT), r"\[P2P Reweight › words\] 'zebra' is not a word"),
+        (lambda h: swap(h, PROMPT, "a photo of a big dog riding a bicycle"), r"\[P2P Word Swap › target\].*P2P Refine"),
+    ],
+)
+def test_edits_that_do_not_fit_the_prompts_get_clear_errors(host, load_tiny, make_edit, match):
+    model, clip, _ = load_tiny("sd15")
+    with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=match):
+        p2p(host, model, clip, make_edit(host))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda h: swap(h, "  ", TARGET), r"\[P2P Word Swap › source\] the prompt is empty"),
+        (lambda h: reweight(h, "cat", 2.0), r"\[P2P Reweight › prompt\] the prompt is empty"),
+        (lambda h: reweight(h, " , ", 2.0, prompt=PROMPT), r"\[P2P Reweight › words\] no word given"),
+        (lambda h: reweight(h, "cat: lots", 2.0, prompt=PROMPT), r"'lots' in 'cat: lots' is not a number"),
+        (lambda h: reweight(h, "cat", 2.0, previous=swap(h, PROMPT, TARGET), prompt=PROMPT), r"\[P2P Reweight › prompt\]"),
+        (lambda h: swap(h, "a different source", TARGET, previous=swap(h, PROMPT, TARGET)), r"\[P2P Word Swap › source\]"),
+    ],
+)
+def test_edit_nodes_reject_bad_input(host, make, match):
+    with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=match):
+        make(host)
+
+
+def test_controller_rejects_bad_input(host, load_tiny):
+    model, clip, _ = load_tiny("sd15")
+    controller = host.pack.NODE_CLASS_MAPPINGS["P2PController"]()
+    P2PError = host.pack.p2p_attention.errors.P2PError
+    edit = swap(host, PROMPT, TARGET)
+    batch2 = host.nodes.EmptyLatentImage().generate(64, 64, 2)[0]
+    with pytest.raises(P2PError, match=r"\[P2P Controller › latent\] the latent has a batch of 2"):
+        controller.apply(model, clip, edit, batch2, 0.8, 0.4)
+    latent = host.nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+    with pytest.raises(P2PError, match=r"\[P2P Controller › cross_replace_words\] 'zebra' is in no target"):
+        controller.apply(model, clip, edit, latent, 0.8, 0.4, "zebra: 0.3")
+    with pytest.raises(P2PError, match=r"cross_replace_words\].*outside 0..1"):
+        controller.apply(model, clip, edit, latent, 0.8, 0.4, "dog: 3")
+    with pytest.raises(P2PError, match=r"\[P2P Controller › cross_replace_steps\].*would do nothing"):
+        controller.apply(model, clip, reweight(host, "cat", 2.0, prompt=PROMPT), latent, 0.0, 0.4)
+
+
+def test_sampling_a_different_batch_is_reported(host, load_tiny):
+    model, clip, _ = load_tiny("sd15")
+    patched, positive, _ = p2p(host, model, clip, swap(host, PROMPT, TARGET))
+    wrong = host.nodes.EmptyLatentImage().generate(64, 64, 3)[0]
+    with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=r"\[P2P Controller › latent\].*unchanged"):
+        sample(host, patched, clip, positive, wrong)
+
+
+def test_model_without_cross_attention_is_rejected(host, load_tiny):
+    """A real ComfyUI UNet built without transformer blocks: nothing to edit, so a clear error."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models_base
+
+    config = comfy.supported_models_base.BASE(
+        {"in_channels": 4, "out_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+         "attention_resolutions": [], "transformer_depth": [0, 0], "transformer_depth_output": [0, 0, 0, 0],
+         "transformer_depth_middle": -2, "context_dim": None, "use_spatial_transformer": False, "num_heads": 1,
+         "num_head_channels": -1, "adm_in_channels": None, "use_linear_in_transformer": False}
+    )
+    config.latent_format = load_tiny("sd15")[0].model.latent_format
+    unet = comfy.model_base.BaseModel(config)
+    model = comfy.model_patcher.ModelPatcher(unet, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=r"\[P2P Controller › model\] this model has no cross-attention"):
+        p2p(host, model, load_tiny("sd15")[1], swap(host, PROMPT, TARGET))
