@@ -56,7 +56,7 @@ class P2PController:
         "noise, injecting the source's attention into the edits. Plug model -> sampler model, "
         "positive -> sampler positive (any negative prompt), latent -> sampler latent_image; the "
         "decoded batch is the source followed by the edits. Deterministic samplers (euler, ddim, "
-        "dpmpp_2m, uni_pc, heun, lcm, ...) work in the stock KSampler. Ancestral and SDE samplers "
+        "dpmpp_2m, uni_pc, heun, lms, ...) work in the stock KSampler. Ancestral, SDE and lcm samplers "
         "draw separate noise per image there: use SamplerCustom with P2P Shared Noise Sampler."
     )
     CATEGORY = "P2P"

@@ -16,14 +16,14 @@ Site = tuple[str, int, int]  # (block name, block number, transformer index): Co
 def attention_sites(model: Any) -> list[Site]:
     """Every transformer block with cross-attention in the UNet (16 in SD1.5, 70 in SDXL)."""
     unet = getattr(model.model, "diffusion_model", None)
-    groups = [("input", getattr(unet, "input_blocks", None)), ("middle", [getattr(unet, "middle_block", None)]), ("output", getattr(unet, "output_blocks", None))]
-    if unet is None or any(blocks is None or None in list(blocks) for _, blocks in groups):
+    if not hasattr(unet, "input_blocks") or not hasattr(unet, "output_blocks"):
         raise P2PError(
             CONTROLLER,
             "model",
-            f"{type(model.model).__name__} is not a UNet with SD-style cross-attention blocks.",
+            f"{type(model.model).__name__} is not a UNet with SD-style attention blocks.",
             "load an SD1.x, SD2.x or SDXL checkpoint (Prompt-to-Prompt edits their text cross-attention).",
         )
+    groups = [("input", unet.input_blocks), ("middle", [getattr(unet, "middle_block", None) or ()]), ("output", unet.output_blocks)]
     sites = []
     for name, blocks in groups:
         for number, block in enumerate(blocks):

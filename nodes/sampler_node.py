@@ -34,7 +34,7 @@ def shared_noise_sampler_function(sampler_function: Callable) -> Callable:
 
 class P2PSampler:
     DESCRIPTION = (
-        "Makes ancestral and SDE samplers (euler_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde, "
+        "Makes ancestral, SDE and LCM samplers (euler_ancestral, dpmpp_2s_ancestral, dpmpp_sde, dpmpp_2m_sde, lcm, "
         "...) share their per-step noise across the source and the edited images, so a Prompt-to-Prompt "
         "edit keeps the source's composition. Put between KSamplerSelect and SamplerCustom. "
         "Deterministic samplers pass through unchanged (they need nothing)."

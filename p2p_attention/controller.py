@@ -193,11 +193,11 @@ class P2PController:
         rows = self.rows(call, q.shape[0])
         if call.downscale < SELF_REPLACE_MIN_DOWNSCALE or not call.sigma > self._self_sigma or not rows:
             return attend(q, k, v)
-        q, k = q.clone(), k.clone()
+        take = list(range(q.shape[0]))  # each row's queries and keys: its own, or its source's
         for source, targets in rows:
-            q[targets] = q[source]
-            k[targets] = k[source]
-        return attend(q, k, v)
+            for target in targets:
+                take[target] = source
+        return attend(q[take], k[take], v)
 
     def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, attend: Attend) -> torch.Tensor:
         """Targets take the source's (mapped, reweighted) cross-attention maps inside the window.

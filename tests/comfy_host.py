@@ -153,6 +153,10 @@ def boot(work_dir: Path, extra_nodes: dict[str, type] | None = None) -> Host:
         folder_paths.add_model_folder_path("checkpoints", str(work_dir / "models" / "checkpoints"))
         folder_paths.add_model_folder_path("embeddings", str(work_dir / "models" / "embeddings"))
 
+        if (path / "utils" / "__init__.py").is_file():
+            # Current ComfyUI: main.py imports its `utils` package first; nodes.py then puts comfy/ at
+            # the front of sys.path, whose utils.py would otherwise shadow the package.
+            import utils  # noqa: F401
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
@@ -179,7 +183,8 @@ def boot(work_dir: Path, extra_nodes: dict[str, type] | None = None) -> Host:
         link.symlink_to(REPO_ROOT, target_is_directory=True)
     if not _run(nodes.load_custom_node(str(link))):
         raise HostError(f"ComfyUI could not import this pack from {REPO_ROOT}; see the log above")
-    pack = sys.modules[pack_name]
+    # 2024 registers the pack under its folder name, current ComfyUI under its path with '.' -> '_x_'.
+    pack = sys.modules.get(pack_name) or sys.modules[str(link).replace(".", "_x_")]
     for name, cls in (extra_nodes or {}).items():
         nodes.NODE_CLASS_MAPPINGS[name] = cls
 

@@ -53,6 +53,14 @@ def reweight(host: Any, words: str, scale: float, previous: Any = None, prompt: 
     return edits(host).reweight(previous, prompt, words, scale, "P2P Reweight")
 
 
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to float32 rounding, which depends on the batch size: within 1e-4 of the latent's
+    scale (an untrained eps model's latents reach |x| ~ 200)."""
+    scale = max(1.0, float(expected.abs().max()))
+    difference = float((actual - expected).abs().max())
+    assert difference <= 1e-4 * scale, f"max difference {difference:.3g} > 1e-4 x {scale:.3g}"
+
+
 class MapRecorder:
     """Keeps every cross-attention map the controller reports (conditional branch)."""
 

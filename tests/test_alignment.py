@@ -81,10 +81,12 @@ def test_weights_syntax_does_not_change_alignment(p2p, tokens):
 
 
 def test_long_prompts_span_chunks_and_align_chunk_by_chunk(p2p, tokens):
-    words = [f"w{i}" for i in range(60)]
-    source = tokens(" ".join(words + ["cat"] + words))
-    target = tokens(" ".join(words + ["hippopotamus"] + words))
+    words = ["big", "red", "house"] * 24  # one token each
+    source = tokens(" ".join(words[:70] + ["cat"] + words[:20]))
+    target = tokens(" ".join(words[:70] + ["hippopotamus"] + words[:20]))
     assert source.chunks == 2 and target.chunks == 2
+    # the chunk boundary falls after a different word in each prompt; words stay aligned across it
+    assert len(source.words()) == len(target.words()) == 91
     m = p2p.alignment.word_swap_map(source, target)
     cat = source.find([t.key for t in tokens("cat").tokens if t.role == "word"])[0]
     hippo = target.find([t.key for t in tokens("hippopotamus").tokens if t.role == "word"])[0]
@@ -96,7 +98,7 @@ def test_long_prompts_span_chunks_and_align_chunk_by_chunk(p2p, tokens):
 
 
 def test_tiling_to_a_common_length_preserves_attention_mass(p2p, tokens):
-    source, target = tokens("a cat"), tokens(" ".join(["a dog"] + [f"w{i}" for i in range(80)]))
+    source, target = tokens("a cat"), tokens(" ".join(["a cat"] + ["big", "red", "house"] * 30))
     assert (len(source), len(target)) == (77, 154)
     m = p2p.alignment.refine_map(source, target).tile(154)
     # a source column appears twice (each copy gets half the attention); target columns once
