@@ -1,6 +1,8 @@
 """The ComfyUI adapter: thin nodes over the pure core in ``p2p_attention``."""
+from .blend_nodes import P2PBlendMask, P2PLocalBlend
 from .controller_node import P2PController
 from .edit_nodes import P2PRefine, P2PReweight, P2PWordSwap
+from .maps_node import P2PAttentionMaps
 from .sampler_node import P2PSampler
 
 # Node type names and input names are public API: saved workflows reference them. Never rename.
@@ -10,6 +12,9 @@ NODE_CLASS_MAPPINGS = {
     "P2PRefine": P2PRefine,
     "P2PReweight": P2PReweight,
     "P2PSampler": P2PSampler,
+    "P2PLocalBlend": P2PLocalBlend,
+    "P2PBlendMask": P2PBlendMask,
+    "P2PAttentionMaps": P2PAttentionMaps,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -18,4 +23,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "P2PRefine": "P2P Refine",
     "P2PReweight": "P2P Reweight",
     "P2PSampler": "P2P Shared Noise Sampler",
+    "P2PLocalBlend": "P2P Local Blend",
+    "P2PBlendMask": "P2P Local Blend Mask",
+    "P2PAttentionMaps": "P2P Attention Maps",
 }

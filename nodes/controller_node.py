@@ -137,6 +137,6 @@ class P2PController:
                 )
         tokenize = lambda text: encoded[text][0] if text in encoded else prompt_tokens(clip, text)  # noqa: E731
         plan = build_plan(p2p_edit, tokenize, cross_replace_steps, self_replace_steps, words)
-        controller = Controller(plan, percent_to_sigma(model))
+        controller = Controller(plan, percent_to_sigma(model), tokenize)
         positive = batched_conditioning([encoded[t][1] for t in prompts], [encoded[t][2] for t in prompts])
         return install(model, controller), positive, shared_noise_latent(latent, controller.images)

@@ -50,12 +50,13 @@ def percent_to_sigma(model: Any) -> Callable[[float], float]:
     return sampling.percent_to_sigma
 
 
-def map_downscale(original_shape: list[int], queries: int) -> int:
-    """How much smaller than the latent this layer's attention map is: 1, 2, 4, ..."""
+def map_geometry(original_shape: list[int], queries: int) -> tuple[int, tuple[int, int]]:
+    """How much smaller than the latent this layer's attention map is (1, 2, 4, ...), and its size."""
     height, width = original_shape[-2:]
     for downscale in (1, 2, 4, 8, 16, 32, 64):
-        if math.ceil(height / downscale) * math.ceil(width / downscale) == queries:
-            return downscale
+        size = (math.ceil(height / downscale), math.ceil(width / downscale))
+        if size[0] * size[1] == queries:
+            return downscale, size
     raise RuntimeError(f"{queries} attention queries match no downscale of a {height}x{width} latent")
 
 
@@ -76,11 +77,13 @@ class AttentionPatch:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
+        downscale, map_size = map_geometry(extra_options["original_shape"], q.shape[1])
         call = AttentionCall(
             heads=heads,
             sigma=float(extra_options["sigmas"].max()),
             chunks=tuple(c == 0 for c in extra_options["cond_or_uncond"]),
-            downscale=map_downscale(extra_options["original_shape"], q.shape[1]),
+            downscale=downscale,
+            map_size=map_size,
             site=self.site,
         )
         if self.previous is None:
@@ -88,6 +91,27 @@ class AttentionPatch:
         else:
             attend = lambda q, k, v: self.previous(q, k, v, extra_options)  # noqa: E731
         return self.method(q, k, v, call, attend)
+
+
+class AfterCFG:
+    """The controller's post-CFG hook (local blend, the run's result); shared by clones like the patches."""
+
+    def __init__(self, controller: P2PController) -> None:
+        self.controller = controller
+
+    def __deepcopy__(self, memo: dict) -> "AfterCFG":
+        return self
+
+    def __call__(self, args: dict) -> torch.Tensor:
+        return self.controller.after_cfg(args["denoised"], float(args["sigma"].max()))
+
+
+def installed_controller(model: Any, node: str) -> P2PController:
+    """The controller that ``install`` put on ``model`` (or on the model it was cloned from)."""
+    for hook in reversed(getattr(model, "model_options", {}).get("sampler_post_cfg_function", [])):
+        if isinstance(hook, AfterCFG):
+            return hook.controller
+    raise P2PError(node, "model", "this model carries no Prompt-to-Prompt edit.", "connect the P2P Controller's model output, the one the sampler used.")
 
 
 def install(model: Any, controller: P2PController) -> Any:
@@ -103,4 +127,5 @@ def install(model: Any, controller: P2PController) -> Any:
         for site in sites:
             previous = existing.get(site, existing.get(site[:2]))
             setter(AttentionPatch(method, previous, site), site[0], site[1], site[2])
+    patched.set_model_sampler_post_cfg_function(AfterCFG(controller))
     return patched

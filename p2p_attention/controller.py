@@ -14,14 +14,17 @@ import torch
 
 from .alignment import TokenMap, refine_map, word_swap_map
 from .attention import apply_probs, attention_probs, edit_cross_probs
-from .edits import REFINE, P2PEdit
+from .blend import BlendPlan, blend, blend_masks
+from .edits import REFINE, LocalBlendEdit, P2PEdit
 from .errors import P2PError
+from .maps import AttentionMapStore
 from .tokens import WORD, PromptTokens
 
 CONTROLLER = "P2P Controller"
 # The paper's implementation replaces self-attention only below the full latent resolution
 # (maps of at most 32x32 for a 64x64 latent): the finest layers keep the target's own detail.
 SELF_REPLACE_MIN_DOWNSCALE = 2
+QUERY_BLOCK = 1024  # queries per block of explicit cross-attention probabilities
 
 Tokenize = Callable[[str], PromptTokens]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,6 +43,7 @@ class EditPlan:
     source: PromptTokens
     targets: tuple[TargetPlan, ...]
     self_until: float  # fraction of the schedule with the source's self-attention
+    blend: BlendPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -50,14 +54,15 @@ class AttentionCall:
     sigma: float
     chunks: tuple[bool, ...]  # one per CFG chunk: True for the conditional branch
     downscale: int  # attention map size relative to the latent: 1, 2, 4, ...
+    map_size: tuple[int, int]  # (h, w) of the attention maps: the latent's size / downscale, rounded up
     site: tuple = ()  # which transformer block: ComfyUI's (block name, number, index)
 
 
 class Recorder(Protocol):
     """Receives the cross-attention maps of the conditional branch, targets as edited."""
 
-    def record(self, call: AttentionCall, probs: torch.Tensor) -> None:
-        """``probs``: ``[images, heads, queries, keys]`` float32, the source first."""
+    def record(self, call: AttentionCall, maps: torch.Tensor) -> None:
+        """``maps``: ``[images, queries, keys]`` float32 probabilities averaged over heads, the source first."""
 
 
 def word_positions(prompt: PromptTokens, word: str, tokenize: Tokenize) -> list[int]:
@@ -116,7 +121,37 @@ def build_plan(
             f"{', '.join(map(repr, missing))} is in no target prompt.",
             "name words of the target prompts, e.g. 'lasagne: 0.2'.",
         )
-    return EditPlan(source=source, targets=tuple(targets), self_until=float(self_replace_steps))
+    blend_plan = None if edit.blend is None else _blend_plan(edit.blend, source, [t.tokens for t in targets], tokenize)
+    return EditPlan(source=source, targets=tuple(targets), self_until=float(self_replace_steps), blend=blend_plan)
+
+
+def _blend_plan(blend_edit: LocalBlendEdit, source: PromptTokens, targets: list[PromptTokens], tokenize: Tokenize) -> BlendPlan:
+    """Token weights of the blend's words in each prompt; every word must be found somewhere."""
+    prompts = [source] + targets
+
+    def weights(words: tuple[str, ...], images: list[int], input_name: str, where: str) -> list[torch.Tensor]:
+        vectors = [torch.zeros(len(p)) for p in prompts]
+        for word in words:
+            found = False
+            for image in images:
+                positions = word_positions(prompts[image], word, tokenize)
+                vectors[image][positions] = 1.0
+                found |= bool(positions)
+            if not found:
+                raise P2PError(
+                    blend_edit.node,
+                    input_name,
+                    f"{word!r} is not a word of {where}.",
+                    "name words exactly as they appear in the prompts (case does not matter).",
+                )
+        return vectors
+
+    everything = list(range(len(prompts)))
+    source_weights = weights(blend_edit.source_words, [0], "source_words", f"the source prompt {source.text!r}")
+    target_weights = weights(blend_edit.target_words, everything[1:], "target_words", "any target prompt")
+    region = [source_weights[0]] + target_weights[1:]
+    subtract = weights(blend_edit.subtract_words, everything, "subtract_words", "the source or any target prompt")
+    return BlendPlan(edit=blend_edit, region=tuple(region), subtract=tuple(subtract))
 
 
 @dataclass(frozen=True)
@@ -130,11 +165,13 @@ class _Columns:
 
 
 class P2PController:
-    """Applies an ``EditPlan`` to attention calls; stateless across calls, so one patched model
-    serves any number of samplers and queue runs."""
+    """Applies an ``EditPlan`` to attention calls and guided predictions. Its only state is the
+    attention maps of the latest runs, kept per run, so one patched model serves any number of
+    samplers and queue runs."""
 
-    def __init__(self, plan: EditPlan, percent_to_sigma: Callable[[float], float]) -> None:
+    def __init__(self, plan: EditPlan, percent_to_sigma: Callable[[float], float], tokenize: Tokenize) -> None:
         self.plan = plan
+        self.tokenize = tokenize  # the model's own tokenizer, to find words in maps later
         self.images = 1 + len(plan.targets)
         sigma_of = {}
         for target in plan.targets:
@@ -144,8 +181,10 @@ class P2PController:
             torch.tensor([sigma_of[f] for f in t.cross_until.tolist()], dtype=torch.float64) for t in plan.targets
         ]
         self._self_sigma = percent_to_sigma(plan.self_until)
+        self._blend_sigma = percent_to_sigma(plan.blend.edit.start) if plan.blend else 0.0
         self._columns: dict[tuple[int, torch.device], _Columns] = {}
-        self.recorders: list[Recorder] = []
+        self.maps = AttentionMapStore([len(plan.source)] + [len(t.tokens) for t in plan.targets])
+        self.recorders: list[Recorder] = [self.maps]
 
     def columns(self, keys: int, device: torch.device) -> _Columns:
         cached = self._columns.get((keys, device))
@@ -169,6 +208,23 @@ class P2PController:
             )
             self._columns[(keys, device)] = cached
         return cached
+
+    def after_cfg(self, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Each step's guided prediction: local blend (from its start) and the run's latest result."""
+        if denoised.shape[0] != self.images:
+            raise P2PError(
+                CONTROLLER,
+                "latent",
+                f"the sampler runs {denoised.shape[0]} latents, but this edit makes {self.images} images.",
+                "plug the controller's LATENT output into the sampler unchanged (no batch or repeat nodes between).",
+            )
+        run = self.maps.current(sigma)
+        if self.plan.blend is not None and sigma <= self._blend_sigma:
+            masks = blend_masks(self.plan.blend, run, self.images - 1, tuple(denoised.shape[-2:]), denoised.device)
+            denoised = blend(denoised, masks)
+            run.blend_mask = masks
+        run.final = denoised
+        return denoised
 
     def rows(self, call: AttentionCall, batch: int) -> list[tuple[int, list[int]]]:
         """(source row, target rows) of every conditional chunk."""
@@ -203,7 +259,8 @@ class P2PController:
         """Targets take the source's (mapped, reweighted) cross-attention maps inside the window.
 
         The edit is added as a difference to ``attend``'s output, so that another pack's attention
-        patch chained underneath keeps its own contribution.
+        patch chained underneath keeps its own contribution. Probabilities are formed a block of
+        queries at a time, so their memory stays a few MB at any image size.
         """
         rows = self.rows(call, q.shape[0])
         out = attend(q, k, v)
@@ -217,12 +274,18 @@ class P2PController:
         from_source = cols.from_source & inside
         scale = torch.where(inside, cols.scale, torch.ones_like(cols.scale))
         for source, targets in rows:
-            probs = attention_probs(q[[source] + targets], k[[source] + targets], call.heads)
-            if editing:
-                edited = edit_cross_probs(probs[0], probs[1:], cols.matrix, from_source, scale)
-                delta = apply_probs(edited - probs[1:], v[targets], call.heads)
-                out[targets] = out[targets] + delta.to(out.dtype)
-                probs = torch.cat([probs[:1], edited])
+            images = [source] + targets
+            maps = []
+            for start in range(0, q.shape[1], QUERY_BLOCK):
+                block = slice(start, start + QUERY_BLOCK)
+                probs = attention_probs(q[images, block], k[images], call.heads)
+                if editing:
+                    edited = edit_cross_probs(probs[0], probs[1:], cols.matrix, from_source, scale)
+                    delta = apply_probs(edited - probs[1:], v[targets], call.heads)
+                    out[targets, block] += delta.to(out.dtype)
+                    probs = torch.cat([probs[:1], edited])
+                maps.append(probs.mean(dim=1))
+            maps = torch.cat(maps, dim=1)
             for recorder in self.recorders:
-                recorder.record(call, probs)
+                recorder.record(call, maps)
         return out

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
+
 from .errors import P2PError
 
 WORD_SWAP, REFINE = "word_swap", "refine"
@@ -28,10 +30,28 @@ class TargetEdit:
     reweights: tuple[WordScale, ...] = ()
 
 
+@dataclass(frozen=True, eq=False)  # holds a tensor: compared by identity
+class LocalBlendEdit:
+    """Where the targets may differ from the source: the region of some words, and/or a mask."""
+
+    source_words: tuple[str, ...]  # looked up in the source prompt
+    target_words: tuple[str, ...]  # looked up in every target prompt
+    subtract_words: tuple[str, ...]  # their region is removed from the mask (source and targets)
+    threshold: float
+    start: float  # fraction of the schedule after which blending starts
+    mask: torch.Tensor | None  # a user's region [1 or targets, H, W] in 0..1, any resolution
+    combine: str  # how a user mask meets the word region: UNION or INTERSECT
+    node: str
+
+
+UNION, INTERSECT = "union", "intersect"
+
+
 @dataclass(frozen=True)
 class P2PEdit:
     source: str
     targets: tuple[TargetEdit, ...]
+    blend: LocalBlendEdit | None = None
 
 
 def add_target(
@@ -48,7 +68,9 @@ def add_target(
             "use the same source text in every chained edit node.",
         )
     new = TargetEdit(prompt=target, alignment=alignment, node=node)
-    return P2PEdit(source=source, targets=(edit.targets if edit else ()) + (new,))
+    if edit is None:
+        return P2PEdit(source=source, targets=(new,))
+    return replace(edit, targets=edit.targets + (new,))
 
 
 def reweight(edit: P2PEdit | None, prompt: str, words: str, scale: float, node: str) -> P2PEdit:
@@ -68,6 +90,61 @@ def reweight(edit: P2PEdit | None, prompt: str, words: str, scale: float, node: 
     last = edit.targets[-1]
     last = replace(last, reweights=last.reweights + tuple(WordScale(w, s, node) for w, s in scales))
     return replace(edit, targets=edit.targets[:-1] + (last,))
+
+
+def local_blend(
+    edit: P2PEdit,
+    source_words: str,
+    target_words: str,
+    subtract_words: str,
+    threshold: float,
+    start: float,
+    mask: torch.Tensor | None,
+    combine: str,
+    node: str,
+) -> P2PEdit:
+    """Confine every target's change to a region: words' attention regions and/or a user mask."""
+    if not isinstance(edit, P2PEdit):
+        raise P2PError(node, "p2p_edit", "this input is not a P2P edit.", "connect P2P Word Swap, Refine or Reweight.")
+    if edit.blend is not None:
+        raise P2PError(
+            node,
+            "p2p_edit",
+            f"this edit already has a local blend (from {edit.blend.node}).",
+            "use one P2P Local Blend per controller; list all the words in it.",
+        )
+    words = {name: _words(text) for name, text in (("source", source_words), ("target", target_words), ("subtract", subtract_words))}
+    if not words["source"] and not words["target"] and mask is None:
+        raise P2PError(
+            node,
+            "source_words",
+            "no region is given: no source words, no target words and no mask.",
+            "name the edited object, e.g. source_words 'cat' and target_words 'dog', or connect a mask.",
+        )
+    if mask is not None:
+        mask = mask if mask.dim() == 3 else mask.reshape((-1,) + tuple(mask.shape[-2:]))
+        if mask.shape[0] not in (1, len(edit.targets)):
+            raise P2PError(
+                node,
+                "mask",
+                f"the mask has a batch of {mask.shape[0]}, the edit has {len(edit.targets)} target(s).",
+                "give one mask for all targets, or one per target.",
+            )
+    blend = LocalBlendEdit(
+        source_words=words["source"],
+        target_words=words["target"],
+        subtract_words=words["subtract"],
+        threshold=float(threshold),
+        start=float(start),
+        mask=None if mask is None else mask.detach().float().clamp(0, 1).cpu(),
+        combine=combine,
+        node=node,
+    )
+    return replace(edit, blend=blend)
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w.strip() for w in text.replace("\n", ",").split(",") if w.strip())
 
 
 def parse_word_values(text: str, default: float, node: str, input_name: str) -> list[tuple[str, float]]:

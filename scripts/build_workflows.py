@@ -159,6 +159,38 @@ WORKFLOWS = {
         ],
         3,
     ),
+    "p2p_local_blend.json": edit_graph(
+        [
+            swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 40)),
+            {
+                "id": 3,
+                "type": "P2PLocalBlend",
+                "pos": (400, 290),
+                "size": (340, 200),
+                "widgets": {"source_words": "cat", "target_words": "dog"},
+                "in": {"p2p_edit": (2, 0)},
+            },
+        ],
+        3,
+    )
+    + [
+        {"id": 16, "type": "P2PBlendMask", "pos": (1520, 320), "size": (260, 50), "in": {"model": (11, 0), "samples": (13, 0)}},
+        {"id": 17, "type": "SaveImage", "pos": (1780, 560), "size": (400, 300), "widgets": {"filename_prefix": "p2p_blend_mask"}, "in": {"images": (16, 1)}},
+    ],
+    "p2p_attention_maps.json": edit_graph(
+        [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2
+    )
+    + [
+        {
+            "id": 16,
+            "type": "P2PAttentionMaps",
+            "pos": (1520, 320),
+            "size": (320, 150),
+            "widgets": {"words": "", "resolution": "1/4"},
+            "in": {"model": (11, 0), "samples": (13, 0), "images": (14, 0)},
+        },
+        {"id": 17, "type": "SaveImage", "pos": (1880, 560), "size": (600, 300), "widgets": {"filename_prefix": "p2p_attention_maps"}, "in": {"images": (16, 0)}},
+    ],
 }
 
 

@@ -142,6 +142,9 @@ def boot(work_dir: Path, extra_nodes: dict[str, type] | None = None) -> Host:
         from comfy.cli_args import args
 
         args.cpu = True
+        # PyTorch's fused attention, as ComfyUI picks on GPUs: on the CPU its default is a slower
+        # chunked attention that would make 512x512 runs minutes long.
+        args.use_pytorch_cross_attention = True
         import folder_paths
 
         work_dir = Path(work_dir)

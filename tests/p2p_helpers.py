@@ -67,5 +67,39 @@ class MapRecorder:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, torch.Tensor]] = []
 
-    def record(self, call: Any, probs: torch.Tensor) -> None:
-        self.calls.append((call, probs.clone()))
+    def record(self, call: Any, maps: torch.Tensor) -> None:
+        self.calls.append((call, maps.clone()))
+
+
+def steer_attention(model: Any, column: int, gain: float = 12.0) -> Any:
+    """A clone of ``model`` whose every cross-attention attends to conditioning column ``column``
+    in the top-left quarter of the map: a region known in advance, for an untrained model.
+
+    Through a stock ``attn2_patch`` (it runs before the projections), each query there is moved
+    along ``W_q^+ k``, where ``k`` is that column's key: its score rises by ``gain`` logits in every
+    head, so the token takes almost all of the attention there and keeps its own elsewhere.
+    """
+    unet = model.model.diffusion_model
+    modules = {}
+    for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
+        for number, block in enumerate(blocks):
+            for layer in block:
+                for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
+                    modules[(name, number, index)] = transformer.attn2
+
+    def patch(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra: dict) -> tuple:
+        attention = modules[(extra["block"][0], extra["block"][1], extra["block_index"])]
+        height, width = extra["original_shape"][-2:]
+        size = next((-(-height // d), -(-width // d)) for d in (1, 2, 4, 8) if -(-height // d) * -(-width // d) == n.shape[1])
+        key = attention.to_k(context[:, column])  # [batch, heads * dim_head]
+        heads = attention.heads
+        per_head = key.view(key.shape[0], heads, -1)
+        step = gain * per_head.shape[-1] ** 0.5 / per_head.pow(2).sum(-1).min(dim=1).values
+        direction = key @ torch.linalg.pinv(attention.to_q.weight.float()).T.to(key)
+        region = torch.zeros(size, dtype=n.dtype, device=n.device)
+        region[: size[0] // 2, : size[1] // 2] = 1
+        return n + region.reshape(1, -1, 1) * (step[:, None, None] * direction[:, None, :]), context, value
+
+    steered = model.clone()
+    steered.set_model_attn2_patch(patch)
+    return steered

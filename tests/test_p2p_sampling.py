@@ -57,7 +57,7 @@ def test_full_replacement_maps_equal_the_mapped_source_maps(host, load_tiny, kin
     assert {call.site for call, _ in recorder.calls} == set(host.pack.nodes.patch.attention_sites(model))
     assert len(recorder.calls) == 2 * len(host.pack.nodes.patch.attention_sites(model))
     for call, probs in recorder.calls:
-        expected = torch.einsum("hqs,st->hqt", probs[0], token_map.matrix)
+        expected = probs[0] @ token_map.matrix
         torch.testing.assert_close(probs[1], expected, atol=1e-6, rtol=0)
 
 
@@ -91,7 +91,7 @@ def test_refine_new_tokens_keep_their_own_maps(host, load_tiny):
     new = ~token_map.from_source
     assert new.sum() == 3  # gothic, at, night
     for _, probs in recorder.calls:
-        mapped = torch.einsum("hqs,st->hqt", probs[0], token_map.matrix)
+        mapped = probs[0] @ token_map.matrix
         torch.testing.assert_close(probs[1][..., ~new], mapped[..., ~new], atol=1e-6, rtol=0)
         assert bool((probs[1][..., new] > 0).all())  # own maps, not the (empty) mapped ones
 

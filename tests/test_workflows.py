@@ -14,6 +14,8 @@ IMAGES = {
     "p2p_reweight.json": 2,
     "p2p_swap_reweight.json": 2,
     "p2p_several_targets.json": 3,
+    "p2p_local_blend.json": 3,  # source, edit, the edit's blend mask
+    "p2p_attention_maps.json": 4,  # source, edit, a maps grid for each
 }
 
 
@@ -29,4 +31,7 @@ def test_workflow_runs_through_the_executor(host, run_workflow, name):
     assert len(files) == IMAGES[name]
     for path in files:
         with Image.open(path) as image:
-            assert image.size == (512, 512)
+            if path.name.startswith("p2p_attention_maps"):
+                assert image.width > 512  # a grid of token tiles
+            else:
+                assert image.size == (512, 512)
