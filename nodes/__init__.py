@@ -2,6 +2,7 @@
 from .blend_nodes import P2PBlendMask, P2PLocalBlend
 from .controller_node import P2PController
 from .edit_nodes import P2PRefine, P2PReweight, P2PWordSwap
+from .invert_node import P2PDDIMInvert
 from .maps_node import P2PAttentionMaps
 from .sampler_node import P2PSampler
 
@@ -15,6 +16,7 @@ NODE_CLASS_MAPPINGS = {
     "P2PLocalBlend": P2PLocalBlend,
     "P2PBlendMask": P2PBlendMask,
     "P2PAttentionMaps": P2PAttentionMaps,
+    "P2PDDIMInvert": P2PDDIMInvert,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -26,4 +28,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "P2PLocalBlend": "P2P Local Blend",
     "P2PBlendMask": "P2P Local Blend Mask",
     "P2PAttentionMaps": "P2P Attention Maps",
+    "P2PDDIMInvert": "P2P DDIM Invert",
 }

@@ -117,6 +117,52 @@ def swap(node_id: int, source: str, target: str, pos: tuple, edit_in: int | None
     return node
 
 
+REAL_IMAGE = "p2p_real_image_input.jpg"  # shipped beside the workflows; copy it into ComfyUI's input folder
+
+
+def real_image_graph(source: str, target: str) -> list[dict]:
+    """Load Image -> VAE Encode -> P2P DDIM Invert -> P2P Controller -> KSamplerAdvanced (no added
+    noise, the inversion's steps, cfg and scheduler) -> VAE Decode -> Save Image."""
+    steps, cfg, scheduler = 50, 7.5, "ddim_uniform"  # the paper's DDIM schedule and guidance
+    return [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "size": (320, 100), "widgets": {"ckpt_name": CHECKPOINT}},
+        {"id": 2, "type": "P2PWordSwap", "pos": (400, 40), "size": (340, 200), "widgets": {"source": source, "target": target}},
+        {"id": 3, "type": "LoadImage", "pos": (20, 400), "size": (320, 320), "widgets": {"image": REAL_IMAGE}},
+        {"id": 4, "type": "VAEEncode", "pos": (400, 640), "size": (220, 50), "in": {"pixels": (3, 0), "vae": (1, 2)}},
+        {"id": 5, "type": "CLIPTextEncode", "pos": (400, 280), "size": (340, 120), "widgets": {"text": source}, "in": {"clip": (1, 1)}},
+        {"id": 6, "type": "CLIPTextEncode", "pos": (400, 440), "size": (340, 120), "widgets": {"text": ""}, "in": {"clip": (1, 1)}},
+        {
+            "id": 7,
+            "type": "P2PDDIMInvert",
+            "pos": (780, 400),
+            "size": (340, 300),
+            "widgets": {"steps": steps, "cfg": cfg, "scheduler": scheduler, "method": "null-text"},
+            "in": {"model": (1, 0), "positive": (5, 0), "negative": (6, 0), "latent": (4, 0)},
+        },
+        {
+            "id": 11,
+            "type": "P2PController",
+            "pos": (1160, 200),
+            "size": (340, 200),
+            "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
+            "in": {"model": (7, 1), "clip": (1, 1), "p2p_edit": (2, 0), "latent": (7, 0)},
+        },
+        {
+            "id": 13,
+            "type": "KSamplerAdvanced",
+            "pos": (1540, 200),
+            "size": (320, 330),
+            "widgets": {
+                "add_noise": "disable", "noise_seed": 0, "steps": steps, "cfg": cfg, "sampler_name": "ddim",
+                "scheduler": scheduler, "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable",
+            },
+            "in": {"model": (11, 0), "positive": (11, 1), "negative": (6, 0), "latent_image": (11, 2)},
+        },
+        {"id": 14, "type": "VAEDecode", "pos": (1900, 200), "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
+        {"id": 15, "type": "SaveImage", "pos": (2160, 200), "size": (400, 300), "widgets": {"filename_prefix": "p2p_real_image"}, "in": {"images": (14, 0)}},
+    ]
+
+
 WORKFLOWS = {
     "p2p_word_swap.json": edit_graph(
         [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2
@@ -190,7 +236,7 @@ WORKFLOWS = {
             "in": {"model": (11, 0), "samples": (13, 0), "images": (14, 0)},
         },
         {"id": 17, "type": "SaveImage", "pos": (1880, 560), "size": (600, 300), "widgets": {"filename_prefix": "p2p_attention_maps"}, "in": {"images": (16, 0)}},
-    ],
+    ],    "p2p_real_image.json": real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky"),
 }
 
 
