@@ -11,6 +11,11 @@ from ..p2p_attention.errors import P2PError
 from .patch import installed_controller
 
 VAE_DOWNSCALE = 8  # pixels per latent cell in SD1.x, SD2.x and SDXL
+# The inputs of the nodes that look at a finished run: the sampler's output orders them after it.
+RUN_INPUTS = {
+    "model": ("MODEL", {"tooltip": "The P2P Controller's model, as plugged into the sampler."}),
+    "samples": ("LATENT", {"tooltip": "The sampler's output: picks the run (and makes this node run after it)."}),
+}
 
 
 def _words(default: str, tooltip: str) -> tuple:
@@ -94,12 +99,7 @@ class P2PBlendMask:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The P2P Controller's model, as plugged into the sampler."}),
-                "samples": ("LATENT", {"tooltip": "The sampler's output: picks the run (and makes this node run after it)."}),
-            }
-        }
+        return {"required": dict(RUN_INPUTS)}
 
     def mask(self, model: Any, samples: dict) -> tuple:
         _, run = find_run(model, samples, self.NODE_NAME)

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..p2p_attention.controller import word_positions
 from ..p2p_attention.errors import P2PError
 from ..p2p_attention.tokens import PAD
-from .blend_nodes import find_run
+from .blend_nodes import RUN_INPUTS, find_run
 
 NODE_NAME = "P2P Attention Maps"
 RESOLUTIONS = {"1/4": 4, "1/2": 2, "1/8": 8, "1/1": 1}
@@ -81,8 +81,7 @@ class P2PAttentionMaps:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The P2P Controller's model, as plugged into the sampler."}),
-                "samples": ("LATENT", {"tooltip": "The sampler's output: picks the run (and makes this node run after it)."}),
+                **RUN_INPUTS,
                 "words": (
                     "STRING",
                     {"multiline": False, "default": "", "tooltip": "Words to show, comma separated (a word's tokens summed); empty shows every token but padding."},
