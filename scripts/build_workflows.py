@@ -163,6 +163,13 @@ def real_image_graph(source: str, target: str) -> list[dict]:
     ]
 
 
+def with_model_patch(graph: list[dict], patch: dict) -> list[dict]:
+    """``graph`` with ``patch`` (a stock MODEL -> MODEL node) between the checkpoint and the P2P
+    Controller, so that the controller receives a model that already carries that patch."""
+    wired = [dict(n, **{"in": {**n["in"], "model": (patch["id"], 0)}}) if n["type"] == "P2PController" else n for n in graph]
+    return wired[:1] + [dict(patch, **{"in": {"model": (1, 0)}})] + wired[1:]
+
+
 WORKFLOWS = {
     "p2p_word_swap.json": edit_graph(
         [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2
@@ -237,6 +244,11 @@ WORKFLOWS = {
         },
         {"id": 17, "type": "SaveImage", "pos": (1880, 560), "size": (600, 300), "widgets": {"filename_prefix": "p2p_attention_maps"}, "in": {"images": (16, 0)}},
     ],    "p2p_real_image.json": real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky"),
+    # Stock Self-Attention Guidance already holds an attn1 replace patch in one of P2P's slots.
+    "p2p_coexistence.json": with_model_patch(
+        edit_graph([swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2),
+        {"id": 3, "type": "SelfAttentionGuidance", "pos": (20, 360), "size": (320, 90), "widgets": {"scale": 0.5, "blur_sigma": 2.0}},
+    ),
 }
 
 

@@ -100,3 +100,15 @@ def saved_images(host: comfy_host.Host, result: dict) -> list[Path]:
         for image in (ui or {}).get("images", []):
             files.append(Path(host.folder_paths.get_output_directory()) / image.get("subfolder", "") / image["filename"])
     return files
+
+
+@pytest.fixture(scope="session")
+def ui_server(host: comfy_host.Host, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The real ComfyUI server (main.py, the same checkout as ``host``) in a subprocess, with this
+    pack and the tiny SD1.5 checkpoint under the shipped workflows' file name."""
+    import comfy_server
+
+    checkpoint = host.work_dir / "models" / "checkpoints" / tiny_models.tiny_checkpoint_name("sd15")
+    server = comfy_server.start_server(host.path, tmp_path_factory.mktemp("server"), checkpoint, current=host.version == "current")
+    yield server
+    server.stop()

@@ -18,6 +18,7 @@ IMAGES = {
     "p2p_local_blend.json": 3,  # source, edit, the edit's blend mask
     "p2p_attention_maps.json": 4,  # source, edit, a maps grid for each
     "p2p_real_image.json": 2,  # the reconstructed image, the edit
+    "p2p_coexistence.json": 2,  # Self-Attention Guidance and P2P on one model
 }
 
 
