@@ -24,8 +24,7 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
     """Softmax attention probabilities ``[b, h, queries, keys]`` in float32."""
     q, k = split_heads(q.float(), heads), split_heads(k.float(), heads)
-    scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
-    return scores.softmax(dim=-1)
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(dim=-1)  # scaling q: the smaller tensor
 
 
 def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -45,10 +44,13 @@ def edit_cross_probs(
     ``source`` ``[h, q, K]`` and ``own`` ``[n, h, q, K]`` are probabilities; ``matrix`` ``[n, K, K]``
     maps source tokens to target tokens; ``from_source`` ``[n, K]`` says which target tokens take
     the source's map now (aligned and inside their replace window), ``scale`` ``[n, K]`` the
-    reweight factors now in force (1 outside the window). Returns ``[n, h, q, K]``.
+    reweight factors now in force (1 outside the window). Returns ``[n, h, q, K]``: ``own`` itself
+    when nothing changes it.
     """
-    take = from_source.to(own.dtype)[:, None, None, :]
-    edited = own * (1 - take)
+    edited = own
     if bool(from_source.any()):
-        edited = edited + torch.einsum("hqs,nst->nhqt", source, matrix) * take
-    return edited * scale[:, None, None, :]
+        mapped = torch.einsum("hqs,nst->nhqt", source, matrix)
+        edited = torch.where(from_source[:, None, None, :], mapped, own)
+    if not bool((scale == 1).all()):
+        edited = edited * scale[:, None, None, :]
+    return edited

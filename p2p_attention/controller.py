@@ -280,10 +280,12 @@ class P2PController:
                 block = slice(start, start + QUERY_BLOCK)
                 probs = attention_probs(q[images, block], k[images], call.heads)
                 if editing:
-                    edited = edit_cross_probs(probs[0], probs[1:], cols.matrix, from_source, scale)
-                    delta = apply_probs(edited - probs[1:], v[targets], call.heads)
-                    out[targets, block] += delta.to(out.dtype)
-                    probs = torch.cat([probs[:1], edited])
+                    own = probs[1:]
+                    edited = edit_cross_probs(probs[0], own, cols.matrix, from_source, scale)
+                    if edited is not own:
+                        delta = apply_probs(edited - own, v[targets], call.heads)
+                        out[targets, block] += delta.to(out.dtype)
+                        probs = torch.cat([probs[:1], edited])
                 maps.append(probs.mean(dim=1))
             maps = torch.cat(maps, dim=1)
             for recorder in self.recorders:
