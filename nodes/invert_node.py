@@ -29,15 +29,9 @@ from ..p2p_attention.inversion import (
     null_text_inversion,
     recovered_cfg,
 )
-from .patch import AfterCFG
+from .patch import find_controller, model_sampling
 
 COND, UNCOND = 0, 1  # ComfyUI's chunk labels in ``cond_or_uncond``
-
-
-def model_sampling(model: Any) -> Any:
-    if hasattr(model, "get_model_object"):
-        return model.get_model_object("model_sampling")
-    return model.object_patches.get("model_sampling", model.model.model_sampling)  # ComfyUI before mid 2024
 
 
 def schedule(model: Any, scheduler: str, steps: int) -> list[float]:
@@ -351,7 +345,7 @@ class P2PDDIMInvert:
                 f"{type(model.model).__name__} is not a noise-prediction diffusion model (flow models are not supported).",
                 "load an SD1.x, SD2.x or SDXL checkpoint.",
             )
-        if any(isinstance(hook, AfterCFG) for hook in model.model_options.get("sampler_post_cfg_function", [])):
+        if find_controller(model) is not None:
             raise P2PError(
                 INVERT,
                 "model",

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from ..p2p_attention.controller import word_positions
+from ..p2p_attention.edits import split_words
 from ..p2p_attention.errors import P2PError
 from ..p2p_attention.tokens import PAD
 from .blend_nodes import RUN_INPUTS, find_run
@@ -107,7 +108,7 @@ class P2PAttentionMaps:
             raise P2PError(
                 NODE_NAME, "images", f"{images.shape[0]} images for a run of {len(prompts)} prompts.", "connect the VAE Decode of this sampler's output."
             )
-        chosen = [w.strip() for w in words.replace("\n", ",").split(",") if w.strip()]
+        chosen = split_words(words)
         sheets = []
         for index, (tokens, maps) in enumerate(zip(prompts, run.mean(downscale))):
             tiles = token_maps(maps.cpu(), tokens, chosen, controller.tokenize)

@@ -13,8 +13,8 @@ from ..p2p_attention.errors import P2PError
 Site = tuple[str, int, int]  # (block name, block number, transformer index): ComfyUI's patch key
 
 
-def attention_sites(model: Any) -> list[Site]:
-    """Every transformer block with cross-attention in the UNet (16 in SD1.5, 70 in SDXL)."""
+def transformer_blocks(model: Any) -> dict[Site, Any]:
+    """Every transformer block of the UNet, by its patch key."""
     unet = getattr(model.model, "diffusion_model", None)
     if not hasattr(unet, "input_blocks") or not hasattr(unet, "output_blocks"):
         raise P2PError(
@@ -24,13 +24,18 @@ def attention_sites(model: Any) -> list[Site]:
             "load an SD1.x, SD2.x or SDXL checkpoint (Prompt-to-Prompt edits their text cross-attention).",
         )
     groups = [("input", unet.input_blocks), ("middle", [getattr(unet, "middle_block", None) or ()]), ("output", unet.output_blocks)]
-    sites = []
+    found = {}
     for name, blocks in groups:
         for number, block in enumerate(blocks):
             for layer in block:
                 for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
-                    if getattr(transformer, "attn2", None) is not None:
-                        sites.append((name, number, index))
+                    found[(name, number, index)] = transformer
+    return found
+
+
+def attention_sites(model: Any) -> list[Site]:
+    """Every transformer block with cross-attention in the UNet (16 in SD1.5, 70 in SDXL)."""
+    sites = [site for site, block in transformer_blocks(model).items() if getattr(block, "attn2", None) is not None]
     if not sites:
         raise P2PError(
             CONTROLLER,
@@ -41,13 +46,16 @@ def attention_sites(model: Any) -> list[Site]:
     return sites
 
 
+def model_sampling(model: Any) -> Any:
+    """The model's noise schedule object, including any model-sampling patch."""
+    if hasattr(model, "get_model_object"):
+        return model.get_model_object("model_sampling")
+    return model.object_patches.get("model_sampling", model.model.model_sampling)  # ComfyUI before mid 2024
+
+
 def percent_to_sigma(model: Any) -> Callable[[float], float]:
     """ComfyUI's schedule fraction -> sigma (as start/end percent in ControlNet and conditioning)."""
-    if hasattr(model, "get_model_object"):
-        sampling = model.get_model_object("model_sampling")
-    else:  # ComfyUI before mid 2024
-        sampling = model.object_patches.get("model_sampling", model.model.model_sampling)
-    return sampling.percent_to_sigma
+    return model_sampling(model).percent_to_sigma
 
 
 def map_geometry(original_shape: list[int], queries: int) -> tuple[int, tuple[int, int]]:
@@ -106,11 +114,19 @@ class AfterCFG:
         return self.controller.after_cfg(args["denoised"], float(args["sigma"].max()))
 
 
-def installed_controller(model: Any, node: str) -> P2PController:
-    """The controller that ``install`` put on ``model`` (or on the model it was cloned from)."""
+def find_controller(model: Any) -> P2PController | None:
+    """The controller that ``install`` put on ``model`` (or on the model it was cloned from), if any."""
     for hook in reversed(getattr(model, "model_options", {}).get("sampler_post_cfg_function", [])):
         if isinstance(hook, AfterCFG):
             return hook.controller
+    return None
+
+
+def installed_controller(model: Any, node: str) -> P2PController:
+    """The controller on ``model``; an error naming ``node`` when there is none."""
+    controller = find_controller(model)
+    if controller is not None:
+        return controller
     raise P2PError(node, "model", "this model carries no Prompt-to-Prompt edit.", "connect the P2P Controller's model output, the one the sampler used.")
 
 

@@ -209,15 +209,19 @@ class P2PController:
             self._columns[(keys, device)] = cached
         return cached
 
+    def _wrong_batch(self, latents: int) -> P2PError:
+        return P2PError(
+            CONTROLLER,
+            "latent",
+            f"the sampler runs {latents} latents per branch, but this edit makes "
+            f"{self.images} images (the source and {self.images - 1} target(s)).",
+            "plug the controller's LATENT output into the sampler unchanged (no batch or repeat nodes between).",
+        )
+
     def after_cfg(self, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
         """Each step's guided prediction: local blend (from its start) and the run's latest result."""
         if denoised.shape[0] != self.images:
-            raise P2PError(
-                CONTROLLER,
-                "latent",
-                f"the sampler runs {denoised.shape[0]} latents, but this edit makes {self.images} images.",
-                "plug the controller's LATENT output into the sampler unchanged (no batch or repeat nodes between).",
-            )
+            raise self._wrong_batch(denoised.shape[0])
         run = self.maps.current(sigma)
         if self.plan.blend is not None and sigma <= self._blend_sigma:
             masks = blend_masks(self.plan.blend, run, self.images - 1, tuple(denoised.shape[-2:]), denoised.device)
@@ -229,13 +233,7 @@ class P2PController:
     def rows(self, call: AttentionCall, batch: int) -> list[tuple[int, list[int]]]:
         """(source row, target rows) of every conditional chunk."""
         if batch != len(call.chunks) * self.images:
-            raise P2PError(
-                CONTROLLER,
-                "latent",
-                f"the sampler runs {batch // max(len(call.chunks), 1)} latents per branch, but this edit makes "
-                f"{self.images} images (the source and {self.images - 1} target(s)).",
-                "plug the controller's LATENT output into the sampler unchanged (no batch or repeat nodes between).",
-            )
+            raise self._wrong_batch(batch // max(len(call.chunks), 1))
         return [
             (c * self.images, list(range(c * self.images + 1, (c + 1) * self.images)))
             for c, is_cond in enumerate(call.chunks)

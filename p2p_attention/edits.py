@@ -113,7 +113,7 @@ def local_blend(
             f"this edit already has a local blend (from {edit.blend.node}).",
             "use one P2P Local Blend per controller; list all the words in it.",
         )
-    words = {name: _words(text) for name, text in (("source", source_words), ("target", target_words), ("subtract", subtract_words))}
+    words = {name: split_words(text) for name, text in (("source", source_words), ("target", target_words), ("subtract", subtract_words))}
     if not words["source"] and not words["target"] and mask is None:
         raise P2PError(
             node,
@@ -143,7 +143,8 @@ def local_blend(
     return replace(edit, blend=blend)
 
 
-def _words(text: str) -> tuple[str, ...]:
+def split_words(text: str) -> tuple[str, ...]:
+    """``"cat, red car"`` -> ``("cat", "red car")``: comma- or line-separated words, blanks dropped."""
     return tuple(w.strip() for w in text.replace("\n", ",").split(",") if w.strip())
 
 

@@ -42,7 +42,7 @@ def main() -> None:
     nodes = host.pack.NODE_CLASS_MAPPINGS
     with torch.inference_mode():
         model, clip, _, _ = host.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)
-    model = p2p_helpers.steer_attention(model, column=5)  # "cat" / "dog": a photo of a cat
+    model = p2p_helpers.steer_attention(host, model, column=5)  # "cat" / "dog": a photo of a cat
     edits = host.pack.p2p_attention.edits
     edit = edits.add_target(None, SOURCE, TARGET, edits.WORD_SWAP, "P2P Word Swap")
     edit = edits.local_blend(edit, "cat", "dog", "", 0.3, 0.2, None, edits.UNION, "P2P Local Blend")

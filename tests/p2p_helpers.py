@@ -71,7 +71,7 @@ class MapRecorder:
         self.calls.append((call, maps.clone()))
 
 
-def steer_attention(model: Any, column: int, gain: float = 12.0) -> Any:
+def steer_attention(host: Any, model: Any, column: int, gain: float = 12.0) -> Any:
     """A clone of ``model`` whose every cross-attention attends to conditioning column ``column``
     in the top-left quarter of the map: a region known in advance, for an untrained model.
 
@@ -79,13 +79,7 @@ def steer_attention(model: Any, column: int, gain: float = 12.0) -> Any:
     along ``W_q^+ k``, where ``k`` is that column's key: its score rises by ``gain`` logits in every
     head, so the token takes almost all of the attention there and keeps its own elsewhere.
     """
-    unet = model.model.diffusion_model
-    modules = {}
-    for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
-        for number, block in enumerate(blocks):
-            for layer in block:
-                for index, transformer in enumerate(getattr(layer, "transformer_blocks", ())):
-                    modules[(name, number, index)] = transformer.attn2
+    modules = {site: block.attn2 for site, block in host.pack.nodes.patch.transformer_blocks(model).items()}
 
     def patch(n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra: dict) -> tuple:
         attention = modules[(extra["block"][0], extra["block"][1], extra["block_index"])]

@@ -21,7 +21,7 @@ def render(host, model, samples, words="", resolution="1/4", images=None):
 def edited_run(host, load_tiny):
     """A swap on the steered tiny SD1.x model, with every map the controller reports kept aside."""
     model, clip, _ = load_tiny("sd15")
-    steered = steer_attention(model, CAT)
+    steered = steer_attention(host, model, CAT)
     patched, positive, latent = p2p(host, steered, clip, swap(host, PROMPT, TARGET), size=SIZE)
     recorder = MapRecorder()
     controller_of(patched).recorders.append(recorder)

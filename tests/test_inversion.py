@@ -171,7 +171,7 @@ def test_direct_inversion_edits_share_the_correction(host, load_tiny):
     """With an edit, the source row is still exactly the image; a local blend keeps the target equal
     to it outside the mask (the edit only changes what it should)."""
     model, clip, vae = load_tiny("sd15")
-    steered = steer_attention(model, 5)  # "cat" / "dog" take the top-left quarter of every map
+    steered = steer_attention(host, model, 5)  # "cat" / "dog" take the top-left quarter of every map
     latent = image_latent(host, vae, size=256)
     inverted, patched = invert(host, steered, clip, latent, "direct", steps=4)
     edit = edits(host).local_blend(swap(host, PROMPT, TARGET), "cat", "dog", "", 0.3, 0.2, None, "union", "P2P Local Blend")

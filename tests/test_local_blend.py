@@ -16,14 +16,14 @@ CAT = 5  # the column of "cat" (and of "dog") after the start token: a photo of 
 
 
 @pytest.fixture(scope="module")
-def steered(load_tiny):
+def steered(host, load_tiny):
     """(model, clip) where "cat" / "dog" take the attention in the top-left quarter of every map."""
     cache = {}
 
     def load(kind: str = "sd15") -> tuple:
         if kind not in cache:
             model, clip, _ = load_tiny(kind)
-            cache[kind] = steer_attention(model, CAT), clip
+            cache[kind] = steer_attention(host, model, CAT), clip
         return cache[kind]
 
     return load
