@@ -60,7 +60,7 @@ def main() -> None:
 
     inversion = host.pack.p2p_attention.inversion
     base = model.model
-    sigmas = host.pack.nodes.invert_node.schedule(model, "ddim_uniform", steps)
+    sigmas = host.pack.nodes.host.schedule(model, "ddim_uniform", steps)
 
     def reference() -> None:
         """The reference's loop on this UNet (ComfyUI's apply_model, weights requiring gradients)."""

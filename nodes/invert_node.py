@@ -29,21 +29,8 @@ from ..p2p_attention.inversion import (
     null_text_inversion,
     recovered_cfg,
 )
-from .patch import find_controller, model_sampling
-
-COND, UNCOND = 0, 1  # ComfyUI's chunk labels in ``cond_or_uncond``
-
-
-def schedule(model: Any, scheduler: str, steps: int) -> list[float]:
-    """The sigmas KSampler / KSamplerAdvanced use for ``scheduler`` and ``steps`` (denoise 1)."""
-    sampling = model_sampling(model)
-    if hasattr(comfy.samplers, "calculate_sigmas"):
-        sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, steps)
-    else:  # 2024: the scheduler reads ``.model_sampling`` of what it is given
-        holder = type("Sampling", (), {"model_sampling": sampling})()
-        sigmas = comfy.samplers.calculate_sigmas_scheduler(holder, scheduler, steps)
-    return [float(s) for s in sigmas]
-
+from .host import COND, UNCOND, model_sampling, post_cfg_scale, predict_branch, sampler_conds, schedule
+from .patch import find_controller
 
 def _tiled(embedding: torch.Tensor, rows: int, tokens: int) -> torch.Tensor | None:
     """``embedding`` ``[1, T0, C]`` as ``rows`` rows of ``tokens`` columns, repeated as ComfyUI pads
@@ -169,30 +156,11 @@ class InversionSteps:
 
     def __call__(self, args: dict) -> torch.Tensor:
         x, denoised = args["input"], args["denoised"]
-        cfg = args.get("cond_scale")  # current ComfyUI; the 2024 host only gives the predictions
+        cfg = post_cfg_scale(args)
         if cfg is None:
             cfg = recovered_cfg(denoised, args["cond_denoised"], args["uncond_denoised"])
         step = self.inverted.check(x, float(args["sigma"].max()), cfg)
         return self.inverted.correct(denoised, x, step)
-
-
-def _predict(base: Any, conds: list, branch: int, x: torch.Tensor, sigma: float, options: dict) -> torch.Tensor:
-    """One branch's prediction (``x0``) through ComfyUI's conditioning path, the branch labelled as
-    the sampler labels it (patches of other packs look at ``cond_or_uncond``)."""
-    timestep = x.new_full((x.shape[0],), sigma)
-    if hasattr(comfy.samplers, "calc_cond_batch"):
-        pair = [conds, None] if branch == COND else [None, conds]
-        return comfy.samplers.calc_cond_batch(base, pair, x, timestep, options)[branch]
-    cond, uncond = (conds, None) if branch == COND else ([], conds)  # 2024
-    return comfy.samplers.calc_cond_uncond_batch(base, cond, uncond, x, timestep, options)[branch]
-
-
-def _sampler_parts(model_k: Any, extra_args: dict) -> tuple[Any, list, list]:
-    """(BaseModel, processed positive, processed negative) inside a sampler function."""
-    guider = model_k.inner_model
-    if "cond" in extra_args:  # 2024: the conds travel in extra_args
-        return guider.inner_model, extra_args["cond"], extra_args["uncond"]
-    return guider.inner_model, guider.conds["positive"], guider.conds["negative"]
 
 
 def _tooltip(kind: str, tooltip: str, **options: Any) -> tuple:
@@ -289,9 +257,9 @@ class P2PDDIMInvert:
         found: dict[str, Any] = {}
 
         def sampler_function(model_k: Any, x: torch.Tensor, _sigmas: torch.Tensor, extra_args: dict, callback: Any = None, disable: Any = None) -> torch.Tensor:
-            base, cond, uncond = _sampler_parts(model_k, extra_args)
+            base, cond, uncond = sampler_conds(model_k, extra_args)
             options = extra_args["model_options"]
-            denoise_cond = lambda x, s: _predict(base, cond, COND, x, s, options)  # noqa: E731
+            denoise_cond = lambda x, s: predict_branch(base, cond, COND, x, s, options)  # noqa: E731
             path = ddim_inversion(x, sigmas, denoise_cond, tick)
             found["path"] = path
             if method == NULL_TEXT:
@@ -303,7 +271,7 @@ class P2PDDIMInvert:
                     def denoise_uncond(x: torch.Tensor, sigma: float, embedding: torch.Tensor) -> torch.Tensor:
                         calls.embedding = embedding
                         try:
-                            return _predict(base, uncond, UNCOND, x, sigma, options)
+                            return predict_branch(base, uncond, UNCOND, x, sigma, options)
                         finally:
                             calls.embedding = None
 

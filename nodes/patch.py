@@ -9,6 +9,7 @@ from comfy.ldm.modules.attention import optimized_attention
 
 from ..p2p_attention.controller import CONTROLLER, AttentionCall, P2PController
 from ..p2p_attention.errors import P2PError
+from .host import model_sampling
 
 Site = tuple[str, int, int]  # (block name, block number, transformer index): ComfyUI's patch key
 
@@ -44,13 +45,6 @@ def attention_sites(model: Any) -> list[Site]:
             "load an SD1.x, SD2.x or SDXL checkpoint.",
         )
     return sites
-
-
-def model_sampling(model: Any) -> Any:
-    """The model's noise schedule object, including any model-sampling patch."""
-    if hasattr(model, "get_model_object"):
-        return model.get_model_object("model_sampling")
-    return model.object_patches.get("model_sampling", model.model.model_sampling)  # ComfyUI before mid 2024
 
 
 def percent_to_sigma(model: Any) -> Callable[[float], float]:

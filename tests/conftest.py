@@ -40,6 +40,22 @@ def _capture_node(kind: str) -> type:
 CAPTURE_NODES = {f"TestCapture{k.title()}": _capture_node(k) for k in ("LATENT", "IMAGE", "MASK", "MODEL")}
 
 
+def _host_line() -> str:
+    try:
+        path = comfy_host.comfyui_path()
+    except comfy_host.HostError as error:
+        return f"ComfyUI host: {error}"
+    return f"ComfyUI host: comfyui_version {comfy_host.comfyui_version(path)} at {path}"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _host_line()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    terminalreporter.write_line(f"tested on {_host_line()}")
+
+
 @pytest.fixture(scope="session")
 def host(tmp_path_factory: pytest.TempPathFactory) -> comfy_host.Host:
     """ComfyUI booted in-process with this pack loaded, and tiny checkpoints in its models folder.
