@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..p2p_attention import edits
 from ..p2p_attention.errors import P2PError
+from .edit_nodes import HIDDEN, node_label, parsed_words
 from .patch import installed_controller
 
 VAE_DOWNSCALE = 8  # pixels per latent cell in SD1.x, SD2.x and SDXL
@@ -67,6 +68,7 @@ class P2PLocalBlend:
                     {"default": edits.UNION, "tooltip": "With both words and a mask: 'union' changes either region, 'intersect' only where both agree."},
                 ),
             },
+            "hidden": HIDDEN,
         }
 
     def edit(
@@ -79,8 +81,10 @@ class P2PLocalBlend:
         start_blend: float,
         mask: torch.Tensor | None = None,
         mask_combine: str = edits.UNION,
+        unique_id: str | None = None,
     ) -> tuple:
-        blended = edits.local_blend(p2p_edit, source_words, target_words, subtract_words, threshold, start_blend, mask, mask_combine, self.NODE_NAME)
+        node = node_label(self.NODE_NAME, unique_id)
+        blended = edits.local_blend(p2p_edit, source_words, target_words, subtract_words, threshold, start_blend, mask, mask_combine, node, parsed_words)
         return (blended,)
 
 

@@ -6,23 +6,32 @@ from typing import Any
 
 import torch
 
+from ..p2p_attention.columns import Columns
 from ..p2p_attention.controller import CONTROLLER, P2PController as Controller, build_plan
 from ..p2p_attention.edits import P2PEdit, parse_word_values
 from ..p2p_attention.errors import P2PError
-from .patch import install, percent_to_sigma
-from .tokenize import encode_prompt, prompt_tokens
+from .patch import install, layout_of, model_family, percent_to_sigma
+from .tokenize import encode_prompt
 
 
-def batched_conditioning(conds: list[torch.Tensor], pooled: list[torch.Tensor | None]) -> list:
-    """One CONDITIONING whose batch rows are the prompts, in order: ComfyUI gives latent row i
-    the conditioning row i. Shorter prompts are repeated to a common length, as ComfyUI itself
-    does when it batches conditionings (attention over repeated keys is unchanged)."""
-    length = math.lcm(*(c.shape[1] for c in conds))
-    cond = torch.cat([c.repeat(1, length // c.shape[1], 1) for c in conds])
-    extras = {}
-    if all(p is not None for p in pooled):
-        extras["pooled_output"] = torch.cat(pooled)
-    return [[cond, extras]]
+def batched_conditioning(conds: list[torch.Tensor], extras: list[dict], columns: list[Columns]) -> list:
+    """One CONDITIONING whose batch rows are the prompts, in order: ComfyUI gives latent row i the
+    conditioning row i. Each prompt's columns are placed as ``columns`` says (repeated to a common
+    length for UNets, padded for DiTs: see p2p_attention/columns.py).
+
+    Of the encoders' other outputs the pooled vectors are batched; T5 / Qwen attention masks are left
+    out, as the supported models do not use them for the text's keys (the controller masks its own
+    padding).
+    """
+    rows = []
+    for cond, placed in zip(conds, columns):
+        row = cond.new_zeros(1, placed.count, cond.shape[-1])
+        row[:, placed.spread_index().to(cond.device)] = cond.repeat(1, placed.copies, 1)
+        rows.append(row)
+    batched = {}
+    if all(e.get("pooled_output") is not None for e in extras):
+        batched["pooled_output"] = torch.cat([e["pooled_output"] for e in extras])
+    return [[torch.cat(rows), batched]]
 
 
 def shared_noise_latent(latent: dict, images: int) -> dict:
@@ -39,7 +48,7 @@ def shared_noise_latent(latent: dict, images: int) -> dict:
         )
     index = latent.get("batch_index", [0])[0]
     out = {key: value for key, value in latent.items() if key not in ("samples", "batch_index", "noise_mask")}
-    out["samples"] = samples.repeat(images, 1, 1, 1)
+    out["samples"] = samples.repeat(images, *([1] * (samples.dim() - 1)))  # 4-D, or 5-D (Qwen-Image)
     out["batch_index"] = [index] * images
     if "noise_mask" in latent:
         out["noise_mask"] = latent["noise_mask"]
@@ -125,18 +134,12 @@ class P2PController:
         for word, fraction in words:
             if not 0.0 <= fraction <= 1.0:
                 raise P2PError(CONTROLLER, "cross_replace_words", f"{word!r}: {fraction} is outside 0..1.", "use fractions of the schedule between 0 and 1.")
+        layout = layout_of(model_family(model))
         prompts = [p2p_edit.source] + [t.prompt for t in p2p_edit.targets]
         encoded = {text: encode_prompt(clip, text) for text in prompts}
-        for tokens, cond, _ in encoded.values():
-            if cond.shape[1] != len(tokens):
-                raise P2PError(
-                    CONTROLLER,
-                    "clip",
-                    f"this text encoder gives {cond.shape[1]} conditioning columns for {len(tokens)} tokens.",
-                    "use the CLIP of an SD1.x, SD2.x or SDXL checkpoint.",
-                )
-        tokenize = lambda text: encoded[text][0] if text in encoded else prompt_tokens(clip, text)  # noqa: E731
-        plan = build_plan(p2p_edit, tokenize, cross_replace_steps, self_replace_steps, words)
-        controller = Controller(plan, percent_to_sigma(model), tokenize)
-        positive = batched_conditioning([encoded[t][1] for t in prompts], [encoded[t][2] for t in prompts])
+        plan = build_plan(p2p_edit, lambda text: encoded[text][0], cross_replace_steps, self_replace_steps, words)
+        controller = Controller(plan, percent_to_sigma(model), layout)
+        width = controller.columns_width or math.lcm(*(len(encoded[t][0]) for t in prompts))
+        columns = controller.prompt_columns(width)
+        positive = batched_conditioning([encoded[t][1] for t in prompts], [encoded[t][2] for t in prompts], columns)
         return install(model, controller), positive, shared_noise_latent(latent, controller.images)

@@ -1,7 +1,19 @@
 """P2P Word Swap, P2P Refine and P2P Reweight: the edits, as data on a P2P_EDIT socket."""
 from __future__ import annotations
 
+from functools import partial
+
 from ..p2p_attention import edits
+from .tokenize import typed_words
+
+# ComfyUI passes the node's id: messages name "P2P Word Swap #12", so chained nodes are told apart.
+HIDDEN = {"unique_id": "UNIQUE_ID"}
+parsed_words = partial(typed_words, weights=True)  # words as CLIP Text Encode parses the prompt
+
+
+def node_label(name: str, unique_id: str | None) -> str:
+    return f"{name} #{unique_id}" if unique_id is not None else name
+
 
 EDIT_TOOLTIP = "Optional: an edit to extend. This node's target is added after its targets (one more image per run)."
 
@@ -36,10 +48,12 @@ class P2PWordSwap:
                 ),
             },
             "optional": {"p2p_edit": ("P2P_EDIT", {"tooltip": EDIT_TOOLTIP})},
+            "hidden": HIDDEN,
         }
 
-    def edit(self, source: str, target: str, p2p_edit: edits.P2PEdit | None = None) -> tuple:
-        return (edits.add_target(p2p_edit, source, target, self.ALIGNMENT, self.NODE_NAME),)
+    def edit(self, source: str, target: str, p2p_edit: edits.P2PEdit | None = None, unique_id: str | None = None) -> tuple:
+        node = node_label(self.NODE_NAME, unique_id)
+        return (edits.add_target(p2p_edit, source, target, self.ALIGNMENT, node, parsed_words),)
 
 
 class P2PRefine(P2PWordSwap):
@@ -62,6 +76,7 @@ class P2PRefine(P2PWordSwap):
                 ),
             },
             "optional": {"p2p_edit": ("P2P_EDIT", {"tooltip": EDIT_TOOLTIP})},
+            "hidden": HIDDEN,
         }
 
 
@@ -107,7 +122,9 @@ class P2PReweight:
                 "p2p_edit": ("P2P_EDIT", {"tooltip": "Optional: reweight this edit's newest target."}),
                 "prompt": _text("", "With no p2p_edit: the prompt to generate and reweight (source = target)."),
             },
+            "hidden": HIDDEN,
         }
 
-    def edit(self, words: str, scale: float, p2p_edit: edits.P2PEdit | None = None, prompt: str = "") -> tuple:
-        return (edits.reweight(p2p_edit, prompt, words, scale, self.NODE_NAME),)
+    def edit(self, words: str, scale: float, p2p_edit: edits.P2PEdit | None = None, prompt: str = "", unique_id: str | None = None) -> tuple:
+        node = node_label(self.NODE_NAME, unique_id)
+        return (edits.reweight(p2p_edit, prompt, words, scale, node, parsed_words),)

@@ -5,6 +5,7 @@ current ComfyUI (v0.3.75, late 2025). Each shim says which version does what.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -67,3 +68,16 @@ def post_cfg_scale(args: dict) -> float | None:
     """The cfg a post-CFG hook runs at: current ComfyUI passes ``cond_scale``; the 2024 host does
     not (None: the caller recovers it from the predictions)."""
     return args.get("cond_scale")
+
+
+def encode_tokens(clip: Any, tokens: dict) -> tuple[torch.Tensor, dict]:
+    """The conditioning ``[1, columns, width]`` of tokenized text and the encoder's other outputs.
+
+    Current: ``encode_from_tokens(return_dict=True)`` (pooled output, attention masks, ...); 2024:
+    ``(cond, pooled)``.
+    """
+    if "return_dict" in inspect.signature(clip.encode_from_tokens).parameters:
+        out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        return out.pop("cond"), out
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return cond, {"pooled_output": pooled}

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from ..p2p_attention.controller import word_positions
-from ..p2p_attention.edits import split_words
+from ..p2p_attention.edits import word_list
 from ..p2p_attention.errors import P2PError
 from ..p2p_attention.tokens import PAD
 from .blend_nodes import RUN_INPUTS, find_run
@@ -21,13 +20,13 @@ TILE, LABEL, COLUMNS = 192, 22, 8
 RAMP = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=torch.float32) / 255
 
 
-def token_maps(maps: torch.Tensor, tokens: Any, words: list[str], tokenize: Any) -> list[tuple[str, torch.Tensor]]:
+def token_maps(maps: torch.Tensor, tokens: Any, words: list[str]) -> list[tuple[str, torch.Tensor]]:
     """(label, map ``[h, w]``) per tile: every non-padding token, or each chosen word (its tokens summed)."""
     if not words:
         return [(t.text or "<emb>", maps[i]) for i, t in enumerate(tokens.tokens) if t.role != PAD]
     tiles = []
     for word in words:
-        positions = word_positions(tokens, word, tokenize)
+        positions = tokens.find(word)
         if positions:
             tiles.append((word, maps[positions].sum(dim=0)))
     return tiles
@@ -108,10 +107,10 @@ class P2PAttentionMaps:
             raise P2PError(
                 NODE_NAME, "images", f"{images.shape[0]} images for a run of {len(prompts)} prompts.", "connect the VAE Decode of this sampler's output."
             )
-        chosen = split_words(words)
+        chosen = word_list(words)
         sheets = []
         for index, (tokens, maps) in enumerate(zip(prompts, run.mean(downscale))):
-            tiles = token_maps(maps.cpu(), tokens, chosen, controller.tokenize)
+            tiles = token_maps(maps.cpu(), tokens, chosen)
             sheets.append((tokens.text, tiles, None if images is None else images[index].cpu()))
         found = {label for _, tiles, _ in sheets for label, _ in tiles}
         missing = [w for w in chosen if w not in found]

@@ -1,29 +1,70 @@
-"""Installing the controller on a ComfyUI model through the model patcher's attention replace API."""
+"""Installing the controller on a ComfyUI model through the model patcher's supported hooks.
+
+Where the hook sits is the only difference between the families:
+
+- UNets (SD1.x, SD2.x, SDXL; both hosts): the attention replace patches of every transformer block,
+  ``attn1`` (self-attention) and ``attn2`` (cross-attention), which receive ``[b, n, heads * dim]``.
+- DiTs with joint attention (Flux.1, Chroma, SD3.x, Qwen-Image; v0.3.75): the
+  ``optimized_attention_override`` of ``transformer_options`` (one slot: the override already there
+  is chained underneath), which sees every attention call of the blocks, and an ``APPLY_MODEL``
+  wrapper that tells it, per model call, the latent's token grid and the text's length. Text comes
+  first in every supported family's joint sequence: ``[text, image tokens, reference tokens]``.
+
+Both end in ``P2PController.attention``; the post-CFG hook (local blend, the run's result) is shared.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import comfy.model_base
 from comfy.ldm.modules.attention import optimized_attention
 
-from ..p2p_attention.controller import CONTROLLER, AttentionCall, P2PController
+from ..p2p_attention.attention import heads_first, merge_heads
+from ..p2p_attention.controller import CONTROLLER, PADDED, TILED, AttentionCall, P2PController
 from ..p2p_attention.errors import P2PError
 from .host import model_sampling
 
 Site = tuple[str, int, int]  # (block name, block number, transformer index): ComfyUI's patch key
+UNET, DIT = "unet", "dit"
+# Joint-attention families, by ComfyUI model class; subclasses of a different kind are named first.
+UNSUPPORTED_SUBCLASSES = ("Flux2", "ChromaRadiance")
+DIT_CLASSES = ("Flux", "Chroma", "SD3", "QwenImage")  # Chroma is a Flux subclass; listed for messages
+SUPPORTED = "SD1.x, SD2.x, SDXL, Flux.1 (dev, schnell), Chroma, SD3/SD3.5 or Qwen-Image"
+LAYOUT_KEY = "p2p_token_layout"  # transformer_options entry the wrapper sets for the override
+
+
+def model_family(model: Any) -> str:
+    """UNET or DIT; an error naming the model and the supported families otherwise."""
+    unet = getattr(model.model, "diffusion_model", None)
+    if hasattr(unet, "input_blocks") and hasattr(unet, "output_blocks"):
+        return UNET
+    name = type(model.model).__name__
+    classes = [getattr(comfy.model_base, n, None) for n in DIT_CLASSES]
+    excluded = [getattr(comfy.model_base, n, None) for n in UNSUPPORTED_SUBCLASSES]
+    if any(c is not None and isinstance(model.model, c) for c in excluded) or not any(
+        c is not None and isinstance(model.model, c) for c in classes
+    ):
+        raise P2PError(
+            CONTROLLER,
+            "model",
+            f"{name} models are not supported: Prompt-to-Prompt edits their text attention, and this pack knows where "
+            "that sits only in SD-style UNets and in the joint attention of Flux.1, Chroma, SD3.x and Qwen-Image.",
+            f"load an {SUPPORTED} model.",
+        )
+    return DIT
+
+
+def layout_of(family: str) -> str:
+    """How the prompts of one batch share columns (see p2p_attention/columns.py)."""
+    return TILED if family == UNET else PADDED
 
 
 def transformer_blocks(model: Any) -> dict[Site, Any]:
     """Every transformer block of the UNet, by its patch key."""
-    unet = getattr(model.model, "diffusion_model", None)
-    if not hasattr(unet, "input_blocks") or not hasattr(unet, "output_blocks"):
-        raise P2PError(
-            CONTROLLER,
-            "model",
-            f"{type(model.model).__name__} is not a UNet with SD-style attention blocks.",
-            "load an SD1.x, SD2.x or SDXL checkpoint (Prompt-to-Prompt edits their text cross-attention).",
-        )
+    unet = model.model.diffusion_model
     groups = [("input", unet.input_blocks), ("middle", [getattr(unet, "middle_block", None) or ()]), ("output", unet.output_blocks)]
     found = {}
     for name, blocks in groups:
@@ -42,7 +83,7 @@ def attention_sites(model: Any) -> list[Site]:
             CONTROLLER,
             "model",
             "this model has no cross-attention layers, so there is no text attention to edit.",
-            "load an SD1.x, SD2.x or SDXL checkpoint.",
+            f"load an {SUPPORTED} model.",
         )
     return sites
 
@@ -63,14 +104,15 @@ def map_geometry(original_shape: list[int], queries: int) -> tuple[int, tuple[in
 
 
 class AttentionPatch:
-    """One replace patch: the controller's method for a site, over the patch it replaces (if any).
+    """One UNet replace patch (``attn1`` or ``attn2`` of a site), over the patch it replaces (if any).
 
     ComfyUI deep-copies ``model_options`` on every clone; ``__deepcopy__`` returns ``self`` so the
     clones downstream (LoRA loaders, other patch nodes) share this patch instead of copying it.
     """
 
-    def __init__(self, method: Callable, previous: Callable | None, site: tuple) -> None:
-        self.method = method
+    def __init__(self, controller: P2PController, kind: str, previous: Callable | None, site: tuple) -> None:
+        self.controller = controller
+        self.kind = kind
         self.previous = previous
         self.site = site
 
@@ -80,19 +122,135 @@ class AttentionPatch:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
         downscale, map_size = map_geometry(extra_options["original_shape"], q.shape[1])
+        queries = slice(0, q.shape[1])
+        cross = self.kind == "attn2"
         call = AttentionCall(
             heads=heads,
             sigma=float(extra_options["sigmas"].max()),
             chunks=tuple(c == 0 for c in extra_options["cond_or_uncond"]),
             downscale=downscale,
             map_size=map_size,
+            queries=queries,
+            text=slice(0, k.shape[1]) if cross else None,
+            image_keys=None if cross else slice(0, k.shape[1]),
             site=self.site,
         )
-        if self.previous is None:
-            attend = lambda q, k, v: optimized_attention(q, k, v, heads)  # noqa: E731
-        else:
-            attend = lambda q, k, v: self.previous(q, k, v, extra_options)  # noqa: E731
-        return self.method(q, k, v, call, attend)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+            q, k, v = merge_heads(q), merge_heads(k), merge_heads(v)  # free for the unedited views
+            if self.previous is not None:
+                return self.previous(q, k, v, extra_options)
+            return optimized_attention(q, k, v, heads)
+
+        return self.controller.attention(heads_first(q, heads), heads_first(k, heads), heads_first(v, heads), call, attend)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """A DiT model call: its latent's token grid and how many text tokens precede the image's."""
+
+    grid: tuple[int, int]
+    patch: int
+    text: int
+
+
+class TokenGrid:
+    """The ``APPLY_MODEL`` wrapper that tells the attention override the call's ``TokenLayout``."""
+
+    def __init__(self, patch: int, registers: int) -> None:
+        self.patch = patch
+        self.registers = registers  # SD3's register tokens, in front of the text
+
+    def __deepcopy__(self, memo: dict) -> "TokenGrid":
+        return self
+
+    def __call__(self, executor: Any, x: torch.Tensor, t: Any, c_concat: Any, c_crossattn: torch.Tensor, control: Any, transformer_options: dict, **kwargs: Any) -> Any:
+        grid = (math.ceil(x.shape[-2] / self.patch), math.ceil(x.shape[-1] / self.patch))
+        transformer_options[LAYOUT_KEY] = TokenLayout(grid=grid, patch=self.patch, text=c_crossattn.shape[1] + self.registers)
+        transformer_options.pop("p2p_calls", None)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+class JointAttention:
+    """The ``optimized_attention_override``: the controller on every joint (or image-only) attention
+    call of a DiT's blocks, over the override that was there (SageAttention nodes and the like)."""
+
+    def __init__(self, controller: P2PController, previous: Callable | None) -> None:
+        self.controller = controller
+        self.previous = previous
+
+    def __deepcopy__(self, memo: dict) -> "JointAttention":
+        return self
+
+    def __call__(self, func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
+        options = kwargs.get("transformer_options") or {}
+        q, k, v = args[:3]
+        heads = args[3] if len(args) > 3 else kwargs.pop("heads")
+        mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
+
+        def through(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: Any) -> torch.Tensor:
+            if self.previous is not None:
+                return self.previous(func, q, k, v, heads, **options)
+            return func(q, k, v, heads, **options)
+
+        layout: TokenLayout | None = options.get(LAYOUT_KEY)
+        split = not kwargs.get("skip_reshape", False)
+        length = q.shape[1] if split else q.shape[2]
+        call = None if layout is None else self._call(layout, length, k.shape[1] if split else k.shape[2], heads, options)
+        if call is None:
+            return through(q, k, v, mask=mask, **kwargs)
+        if split:
+            q, k, v = heads_first(q, heads), heads_first(k, heads), heads_first(v, heads)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+            merged = _with_key_mask(mask, key_mask)
+            return through(q, k, v, **{**kwargs, "mask": merged, "skip_reshape": True, "skip_output_reshape": False})
+
+        out = self.controller.attention(q, k, v, call, attend)
+        return heads_first(out, heads) if kwargs.get("skip_output_reshape", False) else out
+
+    def _call(self, layout: TokenLayout, queries: int, keys: int, heads: int, options: dict) -> AttentionCall | None:
+        """The call's ``AttentionCall``; None for attention that is not over this latent's tokens."""
+        image = layout.grid[0] * layout.grid[1]
+        count = options["p2p_calls"] = options.get("p2p_calls", -1) + 1
+        chunks = tuple(c == 0 for c in options["cond_or_uncond"])
+        if not any(chunks):  # the negative prompt alone: nothing to edit, whatever its length
+            return None
+        common = dict(
+            heads=heads,
+            sigma=float(options["sigmas"].max()),
+            chunks=chunks,
+            downscale=layout.patch,
+            map_size=layout.grid,
+            transformer=True,
+            site=(options.get("block_type", "joint"), options.get("block_index", count)),
+        )
+        if queries == keys == image:  # image-only attention (SD3.5's MMDiT-X second attention)
+            return AttentionCall(queries=slice(0, image), text=None, image_keys=slice(0, image), **common)
+        if queries == keys and queries >= layout.text + image:
+            width = self.controller.columns_width or layout.text
+            if width > layout.text:
+                raise P2PError(
+                    CONTROLLER,
+                    "clip",
+                    f"the model attends to {layout.text} text tokens, fewer than this edit's {width}.",
+                    "plug the controller's CONDITIONING output into the sampler's positive input unchanged.",
+                )
+            image_tokens = slice(layout.text, layout.text + image)
+            # The prompt's columns are the text's last ones: SD3 puts register tokens in front, Flux.2 left-pads.
+            return AttentionCall(queries=image_tokens, text=slice(layout.text - width, layout.text), image_keys=image_tokens, **common)
+        return None
+
+
+def _with_key_mask(mask: torch.Tensor | None, key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The call's own attention mask and the controller's padding mask ``[b, 1, 1, keys]``, added."""
+    if key_mask is None or mask is None:
+        return key_mask if mask is None else mask
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=key_mask.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0 if mask.dim() == 2 else 1)
+    return mask.to(key_mask.dtype) + key_mask
 
 
 class AfterCFG:
@@ -125,17 +283,31 @@ def installed_controller(model: Any, node: str) -> P2PController:
 
 
 def install(model: Any, controller: P2PController) -> Any:
-    """A clone of ``model`` whose every attention site runs through ``controller``."""
-    sites = attention_sites(model)
+    """A clone of ``model`` whose every text attention runs through ``controller``."""
     patched = model.clone()
+    if model_family(model) == UNET:
+        _install_unet(patched, controller)
+    else:
+        _install_dit(patched, controller)
+    patched.set_model_sampler_post_cfg_function(AfterCFG(controller))
+    return patched
+
+
+def _install_unet(patched: Any, controller: P2PController) -> None:
+    sites = attention_sites(patched)
     replace = patched.model_options.get("transformer_options", {}).get("patches_replace", {})
-    for kind, method, setter in (
-        ("attn1", controller.self_attention, patched.set_model_attn1_replace),
-        ("attn2", controller.cross_attention, patched.set_model_attn2_replace),
-    ):
+    for kind, setter in (("attn1", patched.set_model_attn1_replace), ("attn2", patched.set_model_attn2_replace)):
         existing = replace.get(kind, {})
         for site in sites:
             previous = existing.get(site, existing.get(site[:2]))
-            setter(AttentionPatch(method, previous, site), site[0], site[1], site[2])
-    patched.set_model_sampler_post_cfg_function(AfterCFG(controller))
-    return patched
+            setter(AttentionPatch(controller, kind, previous, site), site[0], site[1], site[2])
+
+
+def _install_dit(patched: Any, controller: P2PController) -> None:
+    import comfy.patcher_extension  # current ComfyUI only, like the DiT models
+
+    dit = patched.model.diffusion_model
+    options = patched.model_options.setdefault("transformer_options", {})
+    options["optimized_attention_override"] = JointAttention(controller, options.get("optimized_attention_override"))
+    grid = TokenGrid(patch=int(dit.patch_size), registers=int(getattr(dit, "register_length", 0) or 0))
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "p2p_attention", grid)

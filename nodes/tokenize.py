@@ -1,12 +1,73 @@
-"""ComfyUI's CLIP tokenizer and text encoder, seen as the core's ``PromptTokens``."""
+"""ComfyUI's tokenizers and text encoders, seen as the core's ``PromptTokens``.
+
+Which of ``clip.tokenize()``'s token lists the diffusion model attends to, and in which order, is
+the text layout of a model family (``TEXT_LAYOUTS``): SD1.x/SDXL attend to CLIP tokens, Flux.1 and
+Chroma to T5 tokens, SD3.x to its CLIP tokens followed by its T5 tokens, Qwen-Image to its Qwen2.5
+tokens after the chat template's system part (which its encoder drops). Every token is labelled with
+the text it spells (the tokenizer's own decoding), so words are matched the same way for CLIP's BPE,
+T5's SentencePiece and Qwen's byte-level BPE.
+"""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import comfy.sd1_clip
 
-from ..p2p_attention.tokens import PromptTokens, build_prompt_tokens
+from ..p2p_attention.controller import CONTROLLER
+from ..p2p_attention.errors import P2PError
+from ..p2p_attention.tokens import PromptTokens, build_prompt_tokens, split_words
+from .host import encode_tokens
+
+Chunk = list[tuple[Any, str | None, bool]]  # (key, piece, special) per token
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    name: str  # the model family, for messages
+    segments: tuple[str, ...]  # keys of clip.tokenize()'s output the model attends to, in column order
+    weights: bool = True  # ComfyUI's "(word:1.2)" syntax is parsed (Qwen-Image's tokenizer disables it)
+    chat_template: bool = False  # the encoder drops a chat template's system part (Qwen-Image)
+
+
+TEXT_LAYOUTS = {
+    frozenset({"l"}): TextLayout("SD1.x", ("l",)),
+    frozenset({"h"}): TextLayout("SD2.x", ("h",)),
+    # SDXL's CLIP-L and CLIP-G tokens sit side by side in the width: one column each.
+    frozenset({"g", "l"}): TextLayout("SDXL", ("l",)),
+    # Flux.1: CLIP-L gives the pooled vector only.
+    frozenset({"l", "t5xxl"}): TextLayout("Flux.1", ("t5xxl",)),
+    frozenset({"t5xxl"}): TextLayout("Chroma", ("t5xxl",)),
+    frozenset({"g", "l", "t5xxl"}): TextLayout("SD3.x", ("l", "t5xxl")),
+    frozenset({"qwen25_7b"}): TextLayout("Qwen-Image", ("qwen25_7b",), weights=False, chat_template=True),
+}
+
+
+def text_layout(clip: Any, tokens: dict) -> TextLayout:
+    layout = TEXT_LAYOUTS.get(frozenset(tokens))
+    if layout is None:
+        raise P2PError(
+            CONTROLLER,
+            "clip",
+            f"this text encoder (tokens {', '.join(sorted(tokens))}) belongs to no model family the pack supports.",
+            "use the text encoder of an SD1.x, SD2.x, SDXL, SD3.x, Flux.1, Chroma or Qwen-Image model.",
+        )
+    if layout.name == "SD3.x":  # an SD3 encoder loaded without CLIP or without T5 gives no columns for it
+        model = clip.cond_stage_model
+        present = (model.clip_l is not None or model.clip_g is not None, model.t5xxl is not None)
+        layout = TextLayout(layout.name, tuple(s for s, kept in zip(layout.segments, present) if kept))
+    return layout
+
+
+def typed_words(text: str, weights: bool) -> list[str]:
+    """The prompt's words as the user typed them, with ComfyUI's weight syntax removed as its tokenizer
+    removes it ("a (red car:1.2)" has the words a, red, car)."""
+    if weights:
+        escaped = comfy.sd1_clip.escape_important(text)
+        text = "".join(comfy.sd1_clip.unescape_important(part) for part, _ in comfy.sd1_clip.token_weights(escaped, 1.0))
+    return split_words(text)
 
 
 def _token_key(token: Any) -> Any:
@@ -16,27 +77,74 @@ def _token_key(token: Any) -> Any:
     return int(token)
 
 
-def _structure_key(tokens: dict) -> str:
-    # SDXL tokenizes for CLIP-L and CLIP-G; their tokens agree but for padding, and the
-    # conditioning columns follow them, so either one describes the prompt.
-    return "l" if "l" in tokens else next(iter(tokens))
+def _tokenizer(clip: Any, key: str) -> Any:
+    """The ``SDTokenizer`` behind one of ``clip.tokenize()``'s keys."""
+    for name in (key, f"clip_{key}"):
+        found = getattr(clip.tokenizer, name, None)
+        if found is not None:
+            return found
+    raise P2PError(CONTROLLER, "clip", f"this CLIP has no tokenizer for its {key!r} tokens.", "load the model's own text encoder.")
+
+
+def _chunks(tokenizer: Any, chunks: list[list[tuple]]) -> list[Chunk]:
+    """(key, decoded text, special) per token: start, end and the tokenizer's special tokens are
+    special, and so is everything after a chunk's end token (padding); an embedding vector's text
+    is None."""
+    hf = tokenizer.tokenizer
+    special_ids = set(getattr(hf, "all_special_ids", ())) | {tokenizer.start_token, tokenizer.end_token}
+    out = []
+    for chunk in chunks:
+        labelled, ended = [], False
+        for entry in chunk:
+            token = entry[0]
+            if isinstance(token, torch.Tensor):
+                labelled.append((_token_key(token), None, False))
+                continue
+            special = ended or int(token) in special_ids
+            ended |= tokenizer.end_token is not None and int(token) == tokenizer.end_token
+            labelled.append((int(token), "" if special else hf.decode([int(token)]), special))
+        out.append(labelled)
+    return out
+
+
+def _after_chat_template(tokenizer: Any, chunk: Chunk) -> Chunk:
+    """Qwen-Image's encoder keeps the tokens from the template's user turn on: from the second
+    ``<|im_start|>``, and past ``user`` and a newline right after it (as ComfyUI's QwenImageTEModel)."""
+    hf = tokenizer.tokenizer
+    im_start = hf.convert_tokens_to_ids("<|im_start|>")
+    user, newline = hf.encode("user"), hf.encode("\n")
+    starts = [i for i, (key, _, _) in enumerate(chunk) if key == im_start][:2]
+    end = starts[-1] if starts else 0
+    if len(chunk) > end + 3 and [chunk[end + 1][0]] == user and [chunk[end + 2][0]] == newline:
+        end += 3
+    return chunk[end:]
 
 
 def prompt_tokens(clip: Any, text: str, tokens: dict | None = None) -> PromptTokens:
-    """The prompt's tokens as ComfyUI's tokenizer produced them (weights and embeddings parsed)."""
+    """The prompt's tokens in the model's conditioning columns (weights and embeddings parsed)."""
     tokens = clip.tokenize(text) if tokens is None else tokens
-    key = _structure_key(tokens)
-    tokenizer = getattr(clip.tokenizer, f"clip_{key}")
-    inverse = tokenizer.inv_vocab
-    chunks = [
-        [(_token_key(t[0]), None if isinstance(t[0], torch.Tensor) else inverse.get(int(t[0]), "")) for t in chunk]
-        for chunk in tokens[key]
-    ]
-    return build_prompt_tokens(text, chunks, tokenizer.start_token, tokenizer.end_token)
+    layout = text_layout(clip, tokens)
+    segments = []
+    for key in layout.segments:
+        tokenizer = _tokenizer(clip, key)
+        chunks = _chunks(tokenizer, tokens[key])
+        if layout.chat_template:
+            chunks = [_after_chat_template(tokenizer, chunk) for chunk in chunks]
+        segments.append(chunks)
+    # ComfyUI wraps a text in Qwen-Image's template; the words are the user's text alone.
+    return build_prompt_tokens(text, typed_words(text, layout.weights), segments)
 
 
-def encode_prompt(clip: Any, text: str) -> tuple[PromptTokens, torch.Tensor, torch.Tensor | None]:
-    """Tokens, conditioning ``[1, tokens, width]`` and pooled output of one prompt."""
+def encode_prompt(clip: Any, text: str) -> tuple[PromptTokens, torch.Tensor, dict]:
+    """Tokens, conditioning ``[1, columns, width]`` and the encoder's other outputs (pooled, ...)."""
     tokens = clip.tokenize(text)
-    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    return prompt_tokens(clip, text, tokens), cond, pooled
+    cond, extras = encode_tokens(clip, tokens)
+    prompt = prompt_tokens(clip, text, tokens)
+    if cond.shape[1] != len(prompt):
+        raise P2PError(
+            CONTROLLER,
+            "clip",
+            f"this text encoder gives {cond.shape[1]} conditioning columns for {len(prompt)} tokens of {text!r}.",
+            "use the text encoder of an SD1.x, SD2.x, SDXL, SD3.x, Flux.1, Chroma or Qwen-Image model.",
+        )
+    return prompt, cond, extras

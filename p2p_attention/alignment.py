@@ -5,6 +5,9 @@ One representation serves every edit. ``TokenMap.matrix[s, t]`` is the share of 
 token keeps its own attention (a word Refine inserted). Mass is preserved: a word of ``m`` source
 tokens swapped for a word of ``n`` target tokens gives each target token ``1/n`` of the word's
 attention, and the tokens after it stay aligned (the reference implementation shifts them).
+
+Prompts are aligned segment by segment (SD3 attends to a CLIP and a T5 rendering of the same words):
+a token only ever takes attention from the same text encoder's tokens.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import P2PError
-from .tokens import END, PAD, START, PromptTokens
+from .tokens import END, PAD, START, WORD, PromptTokens, Segment
 
 
 @dataclass(frozen=True)
@@ -21,58 +24,50 @@ class TokenMap:
     matrix: torch.Tensor  # [source tokens, target tokens], float32
     from_source: torch.Tensor  # [target tokens], bool
 
-    def tile(self, columns: int) -> "TokenMap":
-        """The same map on conditioning columns, each prompt repeated to ``columns`` tokens.
-
-        ComfyUI repeats a shorter conditioning to a common length (attention over repeated keys
-        is unchanged: each copy gets an equal share), so a source token's attention is split
-        over its copies; the target's share is split evenly over the target token's copies.
-        """
-        source_len, target_len = self.matrix.shape
-        if columns % source_len or columns % target_len:
-            raise ValueError(f"{columns} columns do not tile prompts of {source_len} and {target_len} tokens")
-        matrix = self.matrix.repeat(columns // source_len, columns // target_len) * (target_len / columns)
-        return TokenMap(matrix, self.from_source.repeat(columns // target_len))
-
 
 def word_swap_map(source: PromptTokens, target: PromptTokens, node: str = "P2P Word Swap") -> TokenMap:
     """Word Swap: the prompts have the same words but for some replaced ones, word for word."""
-    source_words, target_words = source.words(), target.words()
-    if len(source_words) != len(target_words):
+    if len(source.words) != len(target.words):
         raise P2PError(
             node,
             "target",
-            f"the source has {len(source_words)} words and the target {len(target_words)}; "
-            "Word Swap replaces words one for one.",
+            f"the source has {len(source.words)} words and the target {target.text!r} has {len(target.words)}; "
+            "Word Swap replaces words one for one (a word is what is typed between spaces).",
             "change only words (e.g. 'cat' -> 'dog'), or use P2P Refine to add or remove words.",
         )
-    pairs = _special_pairs(source, target)
     matrix = torch.zeros(len(source), len(target))
-    for s, t in pairs:
-        matrix[s, t] = 1.0
-    for s_word, t_word in zip(source_words, target_words):
-        if len(s_word) == len(t_word):
-            for s, t in zip(s_word, t_word):
-                matrix[s, t] = 1.0
-        else:
-            matrix[torch.tensor(s_word)[:, None], torch.tensor(t_word)[None, :]] = 1.0 / len(t_word)
+    for s_segment, t_segment in _segments(source, target):
+        for s, t in _special_pairs(source, s_segment, target, t_segment):
+            matrix[s, t] = 1.0
+        pairs = zip(source.word_tokens(s_segment), target.word_tokens(t_segment))
+        for index, (s_word, t_word) in enumerate(pairs):
+            if bool(s_word) != bool(t_word):
+                empty, prompt = (target, target) if s_word else (source, source)
+                raise _no_tokens(empty.words[index], prompt.text, node)
+            if len(s_word) == len(t_word):
+                for s, t in zip(s_word, t_word):
+                    matrix[s, t] = 1.0
+            elif t_word:
+                matrix[torch.tensor(s_word)[:, None], torch.tensor(t_word)[None, :]] = 1.0 / len(t_word)
     return TokenMap(matrix, torch.ones(len(target), dtype=torch.bool))
 
 
 def refine_map(source: PromptTokens, target: PromptTokens) -> TokenMap:
     """Refine: tokens common to both prompts (a global alignment) take the source's attention;
     the tokens the target adds keep their own."""
-    source_content = [p for p, t in enumerate(source.tokens) if t.role not in (START, END, PAD)]
-    target_content = [p for p, t in enumerate(target.tokens) if t.role not in (START, END, PAD)]
-    matched = longest_common_subsequence(
-        [source.tokens[p].key for p in source_content], [target.tokens[p].key for p in target_content]
-    )
-    pairs = _special_pairs(source, target) + [(source_content[i], target_content[j]) for i, j in matched]
     matrix = torch.zeros(len(source), len(target))
     from_source = torch.zeros(len(target), dtype=torch.bool)
-    for s, t in pairs:
-        matrix[s, t] = 1.0
-        from_source[t] = True
+    for s_segment, t_segment in _segments(source, target):
+        source_content = _content(source, s_segment)
+        target_content = _content(target, t_segment)
+        matched = longest_common_subsequence(
+            [source.tokens[p].key for p in source_content], [target.tokens[p].key for p in target_content]
+        )
+        pairs = _special_pairs(source, s_segment, target, t_segment)
+        pairs += [(source_content[i], target_content[j]) for i, j in matched]
+        for s, t in pairs:
+            matrix[s, t] = 1.0
+            from_source[t] = True
     return TokenMap(matrix, from_source)
 
 
@@ -96,25 +91,48 @@ def longest_common_subsequence(a: list, b: list) -> list[tuple[int, int]]:
     return pairs
 
 
-def _special_pairs(source: PromptTokens, target: PromptTokens) -> list[tuple[int, int]]:
+def _segments(source: PromptTokens, target: PromptTokens) -> list[tuple[Segment, Segment]]:
+    if len(source.segments) != len(target.segments):
+        raise ValueError(f"prompts encoded in {len(source.segments)} and {len(target.segments)} segments")
+    return list(zip(source.segments, target.segments))
+
+
+def _content(prompt: PromptTokens, segment: Segment) -> list[int]:
+    return [p for p in range(segment.start, segment.start + segment.length) if prompt.tokens[p].role == WORD]
+
+
+def _no_tokens(word: str, text: str, node: str) -> P2PError:
+    if word.casefold().startswith("embedding:"):
+        return P2PError(
+            node,
+            "target",
+            f"the embedding {word!r} in {text!r} was not found, so ComfyUI left it out of the prompt.",
+            "put the embedding file in ComfyUI's models/embeddings folder (or fix its name), or remove it.",
+        )
+    return P2PError(node, "target", f"the word {word!r} of {text!r} gives no token.", "replace it with a word the model knows.")
+
+
+def _special_pairs(source: PromptTokens, s_segment: Segment, target: PromptTokens, t_segment: Segment) -> list[tuple[int, int]]:
     """Start, end and padding tokens, chunk by chunk: the target's start token takes the source's,
     and the k-th token from the target's end token takes the k-th from the source's (the last one
     where the source's padding is shorter). A target chunk beyond the source's last takes its last.
     """
     pairs = []
-    for chunk in range(target.chunks):
-        s_chunk = _chunk_roles(source, min(chunk, source.chunks - 1))
-        t_chunk = _chunk_roles(target, chunk)
-        if s_chunk["start"] is not None and t_chunk["start"] is not None:
-            pairs.append((s_chunk["start"], t_chunk["start"]))
+    for chunk in range(t_segment.chunks):
+        s_chunk = _chunk_roles(source, s_segment, min(chunk, s_segment.chunks - 1))
+        t_chunk = _chunk_roles(target, t_segment, chunk)
+        for k, t in enumerate(t_chunk["start"]):
+            if s_chunk["start"]:
+                pairs.append((s_chunk["start"][min(k, len(s_chunk["start"]) - 1)], t))
         for k, t in enumerate(t_chunk["tail"] if s_chunk["tail"] else []):
             pairs.append((s_chunk["tail"][min(k, len(s_chunk["tail"]) - 1)], t))
     return pairs
 
 
-def _chunk_roles(prompt: PromptTokens, chunk: int) -> dict:
-    first = chunk * prompt.chunk_length
-    positions = range(first, first + prompt.chunk_length)
-    start = next((p for p in positions if prompt.tokens[p].role == START), None)
-    tail = [p for p in positions if prompt.tokens[p].role in (END, PAD)]
-    return {"start": start, "tail": tail}
+def _chunk_roles(prompt: PromptTokens, segment: Segment, chunk: int) -> dict[str, list[int]]:
+    first = segment.start + chunk * segment.chunk_length
+    positions = range(first, first + segment.chunk_length)
+    return {
+        "start": [p for p in positions if prompt.tokens[p].role == START],
+        "tail": [p for p in positions if prompt.tokens[p].role in (END, PAD)],
+    }

@@ -1,16 +1,25 @@
-"""Attention maths on ComfyUI's projected tensors ``[batch, tokens, heads * dim_head]``.
+"""Attention maths on heads-first tensors ``[batch, heads, tokens, dim]``.
 
-Edited cross-attention probabilities are computed in float32 whatever the model's dtype, as
-ComfyUI's own attention upcasts: half precision softmax over 77 keys underflows and reweighting
-by large factors overflows.
+Every model family reaches the controller in this one layout (UNets' ``[b, n, heads * dim]`` is a
+free view of it). Explicit probabilities are computed in float32 whatever the model's dtype, as
+ComfyUI's own attention upcasts: a half-precision softmax over 77 keys underflows and reweighting by
+large factors overflows.
 """
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
+# ``(q, k, v, key_mask) -> [b, queries, heads * dim_v]``: the model's own (fused) attention; key_mask
+# is None or an additive ``[b, 1, 1, keys]`` float mask.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+MASS_CHANNELS = 8  # value channels added to measure the text's share: kernels want dims in steps of 8
 
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[b, n, h*d] -> [b, h, n, d]``."""
+
+def heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[b, n, h*d] -> [b, h, n, d]`` (a view)."""
     b, n, width = x.shape
     return x.view(b, n, heads, width // heads).transpose(1, 2)
 
@@ -21,36 +30,45 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
-    """Softmax attention probabilities ``[b, h, queries, keys]`` in float32."""
-    q, k = split_heads(q.float(), heads), split_heads(k.float(), heads)
-    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(dim=-1)  # scaling q: the smaller tensor
+def text_distribution(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Each query's softmax over the text keys alone, ``[b, h, queries, keys]`` in float32: the
+    cross-attention map (a UNet's cross-attention; a DiT's image-to-text block renormalised).
+    ``key_mask`` ``[b, keys]``: additive, -inf on padding columns."""
+    scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-1, -2)  # scaling q: the smaller tensor
+    if key_mask is not None:
+        scores = scores + key_mask[:, None, None, :]
+    return scores.softmax(dim=-1)
 
 
-def apply_probs(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """``probs @ v`` with heads merged back: ``[b, queries, h*d]`` in float32."""
-    return merge_heads(probs @ split_heads(v.float(), heads))
+def attend_with_text_mass(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice, key_mask: torch.Tensor | None, attend: Attend
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's attention and, from the same fused call, each query's total probability on the
+    ``text`` keys (``[b, h, queries]``), without forming the joint attention matrix.
+
+    The values get a channel that is 1 on the text keys and 0 elsewhere, so that channel of the
+    output is the text's share of the softmax; queries and keys get zero channels to match (the
+    scores are unchanged; q is rescaled for the kernel's 1/sqrt(dim)).
+    """
+    b, h, _, d = q.shape
+    wide = d + MASS_CHANNELS
+    pad = (0, MASS_CHANNELS)
+    v_wide = torch.nn.functional.pad(v, pad)
+    v_wide[:, :, text, d] = 1
+    q_wide = torch.nn.functional.pad(q * math.sqrt(wide / d), pad)
+    out = attend(q_wide, torch.nn.functional.pad(k, pad), v_wide, key_mask).unflatten(-1, (h, wide))
+    return out[..., :d].flatten(-2), out[..., d].transpose(1, 2).float()
 
 
-def edit_cross_probs(
-    source: torch.Tensor,
-    own: torch.Tensor,
-    matrix: torch.Tensor,
-    from_source: torch.Tensor,
-    scale: torch.Tensor,
-) -> torch.Tensor:
-    """The paper's cross-attention edit for ``n`` targets.
+def map_cross_probs(source: torch.Tensor, own: torch.Tensor, matrix: torch.Tensor, from_source: torch.Tensor) -> torch.Tensor:
+    """The paper's cross-attention replacement for ``n`` targets.
 
     ``source`` ``[h, q, K]`` and ``own`` ``[n, h, q, K]`` are probabilities; ``matrix`` ``[n, K, K]``
-    maps source tokens to target tokens; ``from_source`` ``[n, K]`` says which target tokens take
-    the source's map now (aligned and inside their replace window), ``scale`` ``[n, K]`` the
-    reweight factors now in force (1 outside the window). Returns ``[n, h, q, K]``: ``own`` itself
-    when nothing changes it.
+    maps source columns to target columns; ``from_source`` ``[n, K]`` says which target columns take
+    the source's map now (aligned and inside their replace window). Returns ``[n, h, q, K]``: ``own``
+    itself when no column takes the source's.
     """
-    edited = own
-    if bool(from_source.any()):
-        mapped = torch.einsum("hqs,nst->nhqt", source, matrix)
-        edited = torch.where(from_source[:, None, None, :], mapped, own)
-    if not bool((scale == 1).all()):
-        edited = edited * scale[:, None, None, :]
-    return edited
+    if not bool(from_source.any()):
+        return own
+    mapped = torch.einsum("hqs,nst->nhqt", source, matrix)
+    return torch.where(from_source[:, None, None, :], mapped, own)

@@ -71,8 +71,9 @@ def blend_masks(plan: BlendPlan, run: MapRun, targets: int, size: tuple[int, int
 
 
 def blend(denoised: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """``denoised`` ``[1 + targets, C, H, W]`` (source first): targets keep their own values only
-    inside their mask, the source's elsewhere."""
+    """``denoised`` ``[1 + targets, C, (frames,) H, W]`` (source first): targets keep their own values
+    only inside their mask ``[targets, H, W]``, the source's elsewhere."""
     source = denoised[:1]
-    targets = source + masks[:, None].to(denoised) * (denoised[1:] - source)
+    masks = masks.view(masks.shape[0], *([1] * (denoised.dim() - 3)), *masks.shape[-2:])
+    targets = source + masks.to(denoised) * (denoised[1:] - source)
     return torch.cat([source, targets])

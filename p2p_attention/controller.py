@@ -1,7 +1,9 @@
 """The controller: an edit compiled against tokens, applied to attention during sampling.
 
 ``build_plan`` turns a P2P_EDIT into per-target token maps, reweight factors and replace windows;
-``P2PController`` applies them to each attention call of the UNet. Rows of a call are laid out by
+``P2PController.attention`` applies them to each attention call of the model, whatever its family:
+a UNet's self-attention is a call without text keys, its cross-attention a call with text keys only,
+a DiT's joint attention a call with both (``AttentionCall``). Rows of a call are laid out by
 ComfyUI's CFG batching: one chunk per branch (conditional / unconditional), each holding the whole
 latent batch, i.e. the source followed by the targets. Only conditional chunks are edited.
 """
@@ -13,21 +15,20 @@ from typing import Callable, Protocol
 import torch
 
 from .alignment import TokenMap, refine_map, word_swap_map
-from .attention import apply_probs, attention_probs, edit_cross_probs
+from .attention import Attend, attend_with_text_mass, heads_first, map_cross_probs, merge_heads, text_distribution
 from .blend import BlendPlan, blend, blend_masks
+from .columns import Columns, common_lengths, map_on_columns, padded, tiled
 from .edits import REFINE, LocalBlendEdit, P2PEdit
 from .errors import P2PError
 from .maps import AttentionMapStore
-from .tokens import WORD, PromptTokens
+from .tokens import PromptTokens
 
 CONTROLLER = "P2P Controller"
 # The paper's implementation replaces self-attention only below the full latent resolution
 # (maps of at most 32x32 for a 64x64 latent): the finest layers keep the target's own detail.
 SELF_REPLACE_MIN_DOWNSCALE = 2
 QUERY_BLOCK = 1024  # queries per block of explicit cross-attention probabilities
-
-Tokenize = Callable[[str], PromptTokens]
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+TILED, PADDED = "tiled", "padded"  # how prompts of different lengths share columns: see columns.py
 
 
 @dataclass(frozen=True)
@@ -45,35 +46,42 @@ class EditPlan:
     self_until: float  # fraction of the schedule with the source's self-attention
     blend: BlendPlan | None = None
 
+    @property
+    def prompts(self) -> list[PromptTokens]:
+        return [self.source] + [t.tokens for t in self.targets]
+
 
 @dataclass(frozen=True)
 class AttentionCall:
-    """What the controller needs to know about one attention call."""
+    """What the controller needs to know about one attention call.
+
+    Keys are the prompt's text columns (``text``), image tokens (``image_keys``) or both (a DiT's
+    joint attention); ``queries`` are the rows of the image tokens, which alone are edited.
+    """
 
     heads: int
     sigma: float
     chunks: tuple[bool, ...]  # one per CFG chunk: True for the conditional branch
     downscale: int  # attention map size relative to the latent: 1, 2, 4, ...
     map_size: tuple[int, int]  # (h, w) of the attention maps: the latent's size / downscale, rounded up
-    site: tuple = ()  # which transformer block: ComfyUI's (block name, number, index)
+    queries: slice
+    text: slice | None  # key columns of the prompt's tokens; None in self-attention
+    image_keys: slice | None  # key columns of the image tokens; None in cross-attention
+    transformer: bool = False  # a DiT: every block sees the same token grid
+    site: tuple = ()  # which block: ComfyUI's (block name, number, index) or a DiT's (block type, index)
 
 
 class Recorder(Protocol):
     """Receives the cross-attention maps of the conditional branch, targets as edited."""
 
-    def record(self, call: AttentionCall, maps: torch.Tensor) -> None:
-        """``maps``: ``[images, queries, keys]`` float32 probabilities averaged over heads, the source first."""
-
-
-def word_positions(prompt: PromptTokens, word: str, tokenize: Tokenize) -> list[int]:
-    """Token positions of every occurrence of ``word`` (one or more words) in ``prompt``."""
-    query = [t.key for t in tokenize(word).tokens if t.role == WORD]
-    return [p for match in prompt.find(query) for p in match] if query else []
+    def record(self, call: AttentionCall, maps: list[torch.Tensor]) -> None:
+        """``maps``: per image (the source first) ``[queries, tokens]`` float32 probabilities over the
+        prompt's tokens, averaged over heads."""
 
 
 def build_plan(
     edit: P2PEdit,
-    tokenize: Tokenize,
+    tokenize: Callable[[str], PromptTokens],
     cross_replace_steps: float,
     self_replace_steps: float,
     cross_replace_words: list[tuple[str, float]] = (),
@@ -91,17 +99,17 @@ def build_plan(
         scale = torch.ones(len(tokens))
         cross_until = torch.full((len(tokens),), float(cross_replace_steps))
         for word, fraction in cross_replace_words:
-            positions = word_positions(tokens, word, tokenize)
+            positions = tokens.find(word)
             found_words[word] |= bool(positions)
             cross_until[positions] = float(fraction)
         for reweight in target_edit.reweights:
-            positions = word_positions(tokens, reweight.word, tokenize)
+            positions = tokens.find(reweight.word)
             if not positions:
                 raise P2PError(
                     reweight.node,
                     "words",
                     f"{reweight.word!r} is not a word of the prompt {tokens.text!r}.",
-                    "name words exactly as they appear in the prompt (case does not matter).",
+                    "name words as they are typed in the prompt (case and surrounding punctuation do not matter).",
                 )
             if float(cross_until[positions].max()) <= 0:
                 raise P2PError(
@@ -121,11 +129,11 @@ def build_plan(
             f"{', '.join(map(repr, missing))} is in no target prompt.",
             "name words of the target prompts, e.g. 'lasagne: 0.2'.",
         )
-    blend_plan = None if edit.blend is None else _blend_plan(edit.blend, source, [t.tokens for t in targets], tokenize)
+    blend_plan = None if edit.blend is None else _blend_plan(edit.blend, source, [t.tokens for t in targets])
     return EditPlan(source=source, targets=tuple(targets), self_until=float(self_replace_steps), blend=blend_plan)
 
 
-def _blend_plan(blend_edit: LocalBlendEdit, source: PromptTokens, targets: list[PromptTokens], tokenize: Tokenize) -> BlendPlan:
+def _blend_plan(blend_edit: LocalBlendEdit, source: PromptTokens, targets: list[PromptTokens]) -> BlendPlan:
     """Token weights of the blend's words in each prompt; every word must be found somewhere."""
     prompts = [source] + targets
 
@@ -134,7 +142,7 @@ def _blend_plan(blend_edit: LocalBlendEdit, source: PromptTokens, targets: list[
         for word in words:
             found = False
             for image in images:
-                positions = word_positions(prompts[image], word, tokenize)
+                positions = prompts[image].find(word)
                 vectors[image][positions] = 1.0
                 found |= bool(positions)
             if not found:
@@ -142,7 +150,7 @@ def _blend_plan(blend_edit: LocalBlendEdit, source: PromptTokens, targets: list[
                     blend_edit.node,
                     input_name,
                     f"{word!r} is not a word of {where}.",
-                    "name words exactly as they appear in the prompts (case does not matter).",
+                    "name words as they are typed in the prompts (case and surrounding punctuation do not matter).",
                 )
         return vectors
 
@@ -155,13 +163,15 @@ def _blend_plan(blend_edit: LocalBlendEdit, source: PromptTokens, targets: list[
 
 
 @dataclass(frozen=True)
-class _Columns:
-    """The plan on one conditioning length, stacked over targets."""
+class _OnColumns:
+    """The plan on one conditioning width, stacked over targets."""
 
+    images: tuple[Columns, ...]  # where each prompt's tokens sit (source first)
     matrix: torch.Tensor  # [n, K, K]
     from_source: torch.Tensor  # [n, K]
     scale: torch.Tensor  # [n, K]
-    cross_sigma: torch.Tensor  # [n, K]: the token takes the source's map while sigma > this
+    cross_sigma: torch.Tensor  # [n, K]: the column takes the source's map while sigma > this
+    padding: torch.Tensor | None  # [images, K] additive key mask (-inf on padding), None without padding
 
 
 class P2PController:
@@ -169,9 +179,16 @@ class P2PController:
     attention maps of the latest runs, kept per run, so one patched model serves any number of
     samplers and queue runs."""
 
-    def __init__(self, plan: EditPlan, percent_to_sigma: Callable[[float], float], tokenize: Tokenize) -> None:
+    def __init__(
+        self,
+        plan: EditPlan,
+        percent_to_sigma: Callable[[float], float],
+        layout: str = TILED,
+        self_min_downscale: int = SELF_REPLACE_MIN_DOWNSCALE,
+    ) -> None:
         self.plan = plan
-        self.tokenize = tokenize  # the model's own tokenizer, to find words in maps later
+        self.layout = layout
+        self.self_min_downscale = self_min_downscale
         self.images = 1 + len(plan.targets)
         sigma_of = {}
         for target in plan.targets:
@@ -182,31 +199,48 @@ class P2PController:
         ]
         self._self_sigma = percent_to_sigma(plan.self_until)
         self._blend_sigma = percent_to_sigma(plan.blend.edit.start) if plan.blend else 0.0
-        self._columns: dict[tuple[int, torch.device], _Columns] = {}
-        self.maps = AttentionMapStore([len(plan.source)] + [len(t.tokens) for t in plan.targets])
+        self._on_columns: dict[tuple[int, torch.device], _OnColumns] = {}
+        self.maps = AttentionMapStore()
         self.recorders: list[Recorder] = [self.maps]
 
-    def columns(self, keys: int, device: torch.device) -> _Columns:
-        cached = self._columns.get((keys, device))
+    @property
+    def columns_width(self) -> int | None:
+        """The conditioning's width in the padded layout (None when tiled: any common multiple)."""
+        return sum(common_lengths(self.plan.prompts)) if self.layout == PADDED else None
+
+    def prompt_columns(self, keys: int) -> list[Columns]:
+        """Where each prompt's tokens sit among ``keys`` conditioning columns (source first)."""
+        prompts = self.plan.prompts
+        if self.layout == PADDED:
+            lengths = common_lengths(prompts)
+            if keys == sum(lengths):
+                return [padded(p, lengths) for p in prompts]
+        elif not any(keys % len(p) for p in prompts):
+            return [tiled(len(p), keys) for p in prompts]
+        raise P2PError(
+            CONTROLLER,
+            "clip",
+            f"the sampler's conditioning has {keys} tokens, which is not made of this edit's prompts "
+            f"({', '.join(str(len(p)) for p in prompts)} tokens).",
+            "plug the controller's CONDITIONING output into the sampler's positive input unchanged.",
+        )
+
+    def on_columns(self, keys: int, device: torch.device) -> _OnColumns:
+        cached = self._on_columns.get((keys, device))
         if cached is None:
-            lengths = [len(self.plan.source)] + [len(t.tokens) for t in self.plan.targets]
-            if any(keys % n for n in lengths):
-                raise P2PError(
-                    CONTROLLER,
-                    "clip",
-                    f"the sampler's conditioning has {keys} tokens, which is not made of this edit's prompts "
-                    f"({', '.join(map(str, lengths))} tokens).",
-                    "plug the controller's CONDITIONING output into the sampler's positive input unchanged.",
-                )
-            maps = [t.token_map.tile(keys) for t in self.plan.targets]
-            repeat = [keys // len(t.tokens) for t in self.plan.targets]
-            cached = _Columns(
-                matrix=torch.stack([m.matrix for m in maps]).to(device),
-                from_source=torch.stack([m.from_source for m in maps]).to(device),
-                scale=torch.stack([t.scale.repeat(r) for t, r in zip(self.plan.targets, repeat)]).to(device),
-                cross_sigma=torch.stack([s.repeat(r) for s, r in zip(self._cross_sigma, repeat)]).to(device),
+            images = self.prompt_columns(keys)
+            source, targets = images[0], images[1:]
+            spread = lambda values, cols, fill: cols.spread(values, fill)  # noqa: E731
+            padding = torch.stack([c.padding for c in images])
+            cached = _OnColumns(
+                images=tuple(images),
+                matrix=torch.stack([map_on_columns(t.token_map.matrix, source, c) for t, c in zip(self.plan.targets, targets)]).to(device),
+                from_source=torch.stack([spread(t.token_map.from_source, c, False) for t, c in zip(self.plan.targets, targets)]).to(device),
+                scale=torch.stack([spread(t.scale, c, 1.0) for t, c in zip(self.plan.targets, targets)]).to(device),
+                cross_sigma=torch.stack([spread(s, c, 0.0) for s, c in zip(self._cross_sigma, targets)]).to(device),
+                padding=torch.zeros(padding.shape, device=device).masked_fill(padding.to(device), float("-inf")) if bool(padding.any()) else None,
             )
-            self._columns[(keys, device)] = cached
+            self._on_columns[(keys, device)] = cached
         return cached
 
     def _wrong_batch(self, latents: int) -> P2PError:
@@ -230,62 +264,116 @@ class P2PController:
         run.final = denoised
         return denoised
 
-    def rows(self, call: AttentionCall, batch: int) -> list[tuple[int, list[int]]]:
+    def rows(self, call: AttentionCall, batch: int) -> list[tuple[int, slice]]:
         """(source row, target rows) of every conditional chunk."""
         if batch != len(call.chunks) * self.images:
             raise self._wrong_batch(batch // max(len(call.chunks), 1))
-        return [
-            (c * self.images, list(range(c * self.images + 1, (c + 1) * self.images)))
-            for c, is_cond in enumerate(call.chunks)
-            if is_cond
-        ]
+        return [(c * self.images, slice(c * self.images + 1, (c + 1) * self.images)) for c, is_cond in enumerate(call.chunks) if is_cond]
 
-    def self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, attend: Attend) -> torch.Tensor:
-        """Inside the self-attention window the targets attend with the source's queries and keys
-        over their own values: the source's attention map applied to the target, which a fused
-        kernel computes without ever forming the map."""
-        rows = self.rows(call, q.shape[0])
-        if call.downscale < SELF_REPLACE_MIN_DOWNSCALE or not call.sigma > self._self_sigma or not rows:
-            return attend(q, k, v)
-        take = list(range(q.shape[0]))  # each row's queries and keys: its own, or its source's
-        for source, targets in rows:
-            for target in targets:
-                take[target] = source
-        return attend(q[take], k[take], v)
+    def key_mask(self, call: AttentionCall, batch: int, keys: int, device: torch.device) -> torch.Tensor | None:
+        """The padding columns of each conditional row, as an additive ``[batch, 1, 1, keys]`` mask
+        (None where no prompt is padded)."""
+        if call.text is None:
+            return None
+        padding = self.on_columns(call.text.stop - call.text.start, device).padding
+        if padding is None:
+            return None
+        mask = torch.zeros(batch, keys, device=device)
+        for source, targets in self.rows(call, batch):
+            mask[source : targets.stop, call.text] = padding
+        return mask[:, None, None, :]
 
-    def cross_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, attend: Attend) -> torch.Tensor:
-        """Targets take the source's (mapped, reweighted) cross-attention maps inside the window.
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: AttentionCall, attend: Attend) -> torch.Tensor:
+        """One attention call, ``q, k, v`` heads-first: returns ``[b, queries, heads * dim]`` as the
+        model's attention does.
 
-        The edit is added as a difference to ``attend``'s output, so that another pack's attention
-        patch chained underneath keeps its own contribution. Probabilities are formed a block of
-        queries at a time, so their memory stays a few MB at any image size.
+        Inside the self-attention window the targets' image queries and keys are the source's (the
+        source's layout, over the targets' own values: the fused kernel computes it and no image map
+        is ever formed). With text keys, the targets take the source's (mapped, reweighted)
+        cross-attention maps inside the cross window: the edit is added as a difference to
+        ``attend``'s output, so that another pack's attention chained underneath keeps its own
+        contribution, and the maps of the conditional branch are recorded. Probabilities are formed a
+        block of image queries at a time over the text keys only, so they stay a few MB at any size.
         """
         rows = self.rows(call, q.shape[0])
-        out = attend(q, k, v)
-        if not rows:
-            return out
-        cols = self.columns(k.shape[1], q.device)
-        inside = call.sigma > cols.cross_sigma
+        q, k = self._source_layout(q, k, call, rows)
+        mask = self.key_mask(call, q.shape[0], k.shape[2], q.device)
+        if call.text is None or not rows:
+            return attend(q, k, v, mask)
+        on = self.on_columns(call.text.stop - call.text.start, q.device)
+        inside = call.sigma > on.cross_sigma
         editing = bool(inside.any())
-        if not editing and not self.recorders:
-            return out
-        from_source = cols.from_source & inside
-        scale = torch.where(inside, cols.scale, torch.ones_like(cols.scale))
+        if editing and call.image_keys is not None:
+            out, mass = attend_with_text_mass(q, k, v, call.text, mask, attend)
+        else:
+            out, mass = attend(q, k, v, mask), None
+        from_source = on.from_source & inside
+        scale = torch.where(inside, on.scale, torch.ones_like(on.scale))[:, None, None, :]
         for source, targets in rows:
-            images = [source] + targets
+            images = slice(source, targets.stop)
+            v_text = v[targets, :, call.text].float()
             maps = []
-            for start in range(0, q.shape[1], QUERY_BLOCK):
-                block = slice(start, start + QUERY_BLOCK)
-                probs = attention_probs(q[images, block], k[images], call.heads)
+            for start in range(call.queries.start, call.queries.stop, QUERY_BLOCK):
+                block = slice(start, min(start + QUERY_BLOCK, call.queries.stop))
+                recorded = text_distribution(q[images, :, block], k[images, :, call.text], on.padding)
                 if editing:
-                    own = probs[1:]
-                    edited = edit_cross_probs(probs[0], own, cols.matrix, from_source, scale)
-                    if edited is not own:
-                        delta = apply_probs(edited - own, v[targets], call.heads)
-                        out[targets, block] += delta.to(out.dtype)
-                        probs = torch.cat([probs[:1], edited])
-                maps.append(probs.mean(dim=1))
+                    edited = self._edit_block(recorded, mass, out, v_text, call, source, targets, block, on, from_source, scale)
+                    if edited is not None:
+                        recorded = torch.cat([recorded[:1], edited])
+                maps.append(recorded.mean(dim=1))
             maps = torch.cat(maps, dim=1)
+            per_image = [columns.gather(m) for columns, m in zip(on.images, maps)]
             for recorder in self.recorders:
-                recorder.record(call, maps)
+                recorder.record(call, per_image)
         return out
+
+    def _edit_block(
+        self,
+        dist: torch.Tensor,
+        mass: torch.Tensor | None,
+        out: torch.Tensor,
+        v_text: torch.Tensor,
+        call: AttentionCall,
+        source: int,
+        targets: slice,
+        block: slice,
+        on: _OnColumns,
+        from_source: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """Add the edit of one block of queries to ``out``; the targets' maps as edited (None: unchanged).
+
+        ``dist`` ``[images, h, queries, K]`` is each query's distribution over the text keys. In joint
+        attention the text holds a share ``mass`` of the softmax: the targets' text probabilities are
+        replaced by the source's and their image probabilities rescaled so that each row still sums
+        to one (before reweighting), all from the fused output; in cross-attention the share is 1.
+        """
+        share = 1.0 if mass is None else mass[source : targets.stop, :, block, None]
+        probs = dist * share
+        own = probs[1:]
+        mapped = map_cross_probs(probs[0], own, on.matrix, from_source)
+        reweighting = not bool((scale == 1).all())
+        if mapped is own and not reweighting:
+            return None
+        edited = mapped * scale if reweighting else mapped
+        delta = (edited - own) @ v_text
+        kept = 1.0
+        if mass is not None:
+            kept = mapped.sum(dim=-1, keepdim=True)
+            rescale = ((1 - kept) / (1 - share[1:]).clamp_min(1e-6)).clamp_min(0)
+            image_part = heads_first(out, call.heads)[targets, :, block].float() - own @ v_text
+            delta = delta + (rescale - 1) * image_part
+            kept = kept.clamp_min(1e-12)
+        out[targets, block] += merge_heads(delta).to(out.dtype)
+        return edited / kept
+
+    def _source_layout(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall, rows: list[tuple[int, slice]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inside the self-attention window, every target row with the source's image queries and keys."""
+        takes_layout = call.transformer or call.downscale >= self.self_min_downscale
+        if call.image_keys is None or not rows or not takes_layout or not call.sigma > self._self_sigma:
+            return q, k
+        q, k = q.clone(), k.clone()
+        for source, targets in rows:
+            q[targets, :, call.queries] = q[source, :, call.queries]
+            k[targets, :, call.image_keys] = k[source, :, call.image_keys]
+        return q, k

@@ -7,10 +7,14 @@ chain of edit nodes reads left to right like the list of images it produces.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
 from .errors import P2PError
+from .tokens import phrase_words, split_words
+
+Words = Callable[[str], list[str]]  # a prompt's words as typed, ComfyUI's weight syntax removed
 
 WORD_SWAP, REFINE = "word_swap", "refine"
 
@@ -55,10 +59,19 @@ class P2PEdit:
 
 
 def add_target(
-    edit: P2PEdit | None, source: str, target: str, alignment: str, node: str
+    edit: P2PEdit | None, source: str, target: str, alignment: str, node: str, words: Words = split_words
 ) -> P2PEdit:
     """A Word Swap or Refine target from ``source``, appended to ``edit`` when one is plugged in."""
     source, target = _prompt(source, node, "source"), _prompt(target, node, "target")
+    source_count, target_count = len(words(source)), len(words(target))
+    if alignment == WORD_SWAP and source_count != target_count:
+        raise P2PError(
+            node,
+            "target",
+            f"the source has {source_count} words and the target {target!r} has {target_count}; Word Swap "
+            "replaces words one for one (a word is what is typed between spaces).",
+            "change only words (e.g. 'cat' -> 'dog'), or use P2P Refine to add or remove words.",
+        )
     if edit is not None and edit.source != source:
         raise P2PError(
             node,
@@ -73,7 +86,7 @@ def add_target(
     return replace(edit, targets=edit.targets + (new,))
 
 
-def reweight(edit: P2PEdit | None, prompt: str, words: str, scale: float, node: str) -> P2PEdit:
+def reweight(edit: P2PEdit | None, prompt: str, words: str, scale: float, node: str, prompt_words: Words = split_words) -> P2PEdit:
     """Scale the attention to ``words`` in the newest target, or, with no incoming edit, in an
     image of ``prompt`` itself (source and target are the same prompt)."""
     if edit is None:
@@ -88,6 +101,14 @@ def reweight(edit: P2PEdit | None, prompt: str, words: str, scale: float, node: 
         )
     scales = parse_word_values(words, scale, node, "words")
     last = edit.targets[-1]
+    for word, _ in scales:
+        if not phrase_words(prompt_words(last.prompt), word):
+            raise P2PError(
+                node,
+                "words",
+                f"{word!r} is not a word of the prompt {last.prompt!r}.",
+                "name words as they are typed in the prompt (case and surrounding punctuation do not matter).",
+            )
     last = replace(last, reweights=last.reweights + tuple(WordScale(w, s, node) for w, s in scales))
     return replace(edit, targets=edit.targets[:-1] + (last,))
 
@@ -102,6 +123,7 @@ def local_blend(
     mask: torch.Tensor | None,
     combine: str,
     node: str,
+    prompt_words: Words = split_words,
 ) -> P2PEdit:
     """Confine every target's change to a region: words' attention regions and/or a user mask."""
     if not isinstance(edit, P2PEdit):
@@ -113,7 +135,7 @@ def local_blend(
             f"this edit already has a local blend (from {edit.blend.node}).",
             "use one P2P Local Blend per controller; list all the words in it.",
         )
-    words = {name: split_words(text) for name, text in (("source", source_words), ("target", target_words), ("subtract", subtract_words))}
+    words = {name: word_list(text) for name, text in (("source", source_words), ("target", target_words), ("subtract", subtract_words))}
     if not words["source"] and not words["target"] and mask is None:
         raise P2PError(
             node,
@@ -121,6 +143,20 @@ def local_blend(
             "no region is given: no source words, no target words and no mask.",
             "name the edited object, e.g. source_words 'cat' and target_words 'dog', or connect a mask.",
         )
+    targets = [t.prompt for t in edit.targets]
+    for name, prompts, where in (
+        ("source", [edit.source], f"the source prompt {edit.source!r}"),
+        ("target", targets, "any target prompt"),
+        ("subtract", [edit.source] + targets, "the source or any target prompt"),
+    ):
+        for word in words[name]:
+            if not any(phrase_words(prompt_words(text), word) for text in prompts):
+                raise P2PError(
+                    node,
+                    f"{name}_words",
+                    f"{word!r} is not a word of {where}.",
+                    "name words as they are typed in the prompts (case and surrounding punctuation do not matter).",
+                )
     if mask is not None:
         mask = mask if mask.dim() == 3 else mask.reshape((-1,) + tuple(mask.shape[-2:]))
         if mask.shape[0] not in (1, len(edit.targets)):
@@ -143,7 +179,7 @@ def local_blend(
     return replace(edit, blend=blend)
 
 
-def split_words(text: str) -> tuple[str, ...]:
+def word_list(text: str) -> tuple[str, ...]:
     """``"cat, red car"`` -> ``("cat", "red car")``: comma- or line-separated words, blanks dropped."""
     return tuple(w.strip() for w in text.replace("\n", ",").split(",") if w.strip())
 

@@ -52,8 +52,7 @@ class MapRun:
 class AttentionMapStore:
     """A ``Recorder`` for the controller: the maps of the latest runs of one patched model."""
 
-    def __init__(self, token_counts: list[int], kept_runs: int = KEPT_RUNS) -> None:
-        self.token_counts = token_counts  # per image (source first): its prompt's tokens
+    def __init__(self, kept_runs: int = KEPT_RUNS) -> None:
         self.runs: deque[MapRun] = deque(maxlen=kept_runs)
 
     def current(self, sigma: float) -> MapRun:
@@ -64,12 +63,9 @@ class AttentionMapStore:
         run.sigma = sigma
         return run
 
-    def record(self, call, maps: torch.Tensor) -> None:
-        """``maps`` ``[images, queries, keys]``: keys are each prompt's tokens, tiled to a common
-        length; a token's attention is the sum over its copies."""
-        keys = maps.shape[-1]
-        per_image = [m.reshape(m.shape[0], keys // n, n).sum(dim=1) for m, n in zip(maps, self.token_counts)]
-        self.current(call.sigma).add(call.downscale, call.map_size, per_image)
+    def record(self, call, maps: list[torch.Tensor]) -> None:
+        """``maps``: per image ``[queries, tokens]``, summed into the run of the call's noise level."""
+        self.current(call.sigma).add(call.downscale, call.map_size, maps)
 
     def run_of(self, latent: torch.Tensor) -> MapRun:
         """The kept run whose result is nearest to ``latent`` (a sampler's output, model space)."""

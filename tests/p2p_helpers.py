@@ -8,17 +8,21 @@ import torch
 NEGATIVE = "blurry, low quality"
 
 
-def controller_of(model: Any) -> Any:
-    """The P2P controller installed on a patched model (every site shares it)."""
-    patches = model.model_options["transformer_options"]["patches_replace"]["attn2"]
-    return next(iter(patches.values())).method.__self__
+def controller_of(host: Any, model: Any) -> Any:
+    """The P2P controller installed on a patched model (every hook shares it)."""
+    return host.pack.nodes.patch.find_controller(model)
+
+
+def empty_latent(model: Any, size: int) -> dict:
+    """Empty Latent Image for the model: 4 channels for SD, 16 for Flux, SD3 and Qwen-Image."""
+    channels = getattr(model.model.latent_format, "latent_channels", 4)
+    return {"samples": torch.zeros(1, channels, size // 8, size // 8)}
 
 
 def p2p(host: Any, model: Any, clip: Any, edit: Any, cross: float = 0.8, self_: float = 0.4, words: str = "", size: int = 64) -> tuple:
     """(patched model, positive, latent) from the P2P Controller node."""
-    latent = host.nodes.EmptyLatentImage().generate(size, size, 1)[0]
     with torch.inference_mode():
-        return host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(model, clip, edit, latent, cross, self_, words)
+        return host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(model, clip, edit, empty_latent(model, size), cross, self_, words)
 
 
 def sample(host: Any, model: Any, clip: Any, positive: Any, latent: dict, sampler: str = "euler", steps: int = 4, cfg: float = 7.5, seed: int = 3, scheduler: str = "normal") -> torch.Tensor:
@@ -33,8 +37,7 @@ def plain(host: Any, model: Any, clip: Any, prompt: str, size: int = 64, **kwarg
     """An ordinary generation of ``prompt`` (batch 1) with the same noise as a P2P run's rows."""
     with torch.inference_mode():
         positive = host.nodes.CLIPTextEncode().encode(clip, prompt)[0]
-    latent = host.nodes.EmptyLatentImage().generate(size, size, 1)[0]
-    return sample(host, model, clip, positive, latent, **kwargs)
+    return sample(host, model, clip, positive, empty_latent(model, size), **kwargs)
 
 
 def edits(host: Any) -> Any:
@@ -62,13 +65,14 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 class MapRecorder:
-    """Keeps every cross-attention map the controller reports (conditional branch)."""
+    """Keeps every cross-attention map the controller reports (conditional branch): per call, the
+    images' maps ``[queries, tokens]`` stacked (the prompts of these tests have equal token counts)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, torch.Tensor]] = []
 
-    def record(self, call: Any, maps: torch.Tensor) -> None:
-        self.calls.append((call, maps.clone()))
+    def record(self, call: Any, maps: list[torch.Tensor]) -> None:
+        self.calls.append((call, torch.stack(maps).clone()))
 
 
 def steer_attention(host: Any, model: Any, column: int, gain: float = 12.0) -> Any:

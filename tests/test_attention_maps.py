@@ -24,14 +24,14 @@ def edited_run(host, load_tiny):
     steered = steer_attention(host, model, CAT)
     patched, positive, latent = p2p(host, steered, clip, swap(host, PROMPT, TARGET), size=SIZE)
     recorder = MapRecorder()
-    controller_of(patched).recorders.append(recorder)
+    controller_of(host, patched).recorders.append(recorder)
     out = sample(host, patched, clip, positive, latent, steps=4)
     return patched, clip, positive, latent, out, recorder
 
 
-def test_maps_are_the_average_over_heads_layers_and_steps(edited_run):
+def test_maps_are_the_average_over_heads_layers_and_steps(host, edited_run):
     patched, _, _, _, out, recorder = edited_run
-    run = controller_of(patched).maps.runs[-1]
+    run = controller_of(host, patched).maps.runs[-1]
     assert set(run.sums) == {2, 4}  # the tiny SD1.x model's cross-attention resolutions
     for downscale, maps in ((d, run.mean(d)) for d in run.sums):
         calls = [probs for call, probs in recorder.calls if call.downscale == downscale]
@@ -48,7 +48,7 @@ def test_the_grid_shows_each_token_normalised(host, edited_run):
     patched, _, _, _, out, _ = edited_run
     grids = render(host, patched, out)
     maps_node = host.pack.nodes.maps_node
-    tokens = controller_of(patched).plan.source
+    tokens = controller_of(host, patched).plan.source
     shown = [t for t in tokens.tokens if t.role != "pad"]
     assert len(shown) == 10  # start, 8 words, end
     columns = min(maps_node.COLUMNS, len(shown))
@@ -56,7 +56,7 @@ def test_the_grid_shows_each_token_normalised(host, edited_run):
     assert grids.shape == (2, maps_node.LABEL + rows * (maps_node.TILE + maps_node.LABEL), columns * maps_node.TILE, 3)
     assert 0 <= float(grids.min()) and float(grids.max()) <= 1
     # The steered "cat" tile: the normalised map, bright in the top-left quarter only.
-    run = controller_of(patched).maps.runs[-1]
+    run = controller_of(host, patched).maps.runs[-1]
     cat = run.mean(4)[0][CAT]
     expected = torch.nn.functional.interpolate(cat[None, None], size=(maps_node.TILE,) * 2, mode="bilinear", align_corners=False)[0, 0]
     expected = expected / expected.max()
@@ -79,13 +79,13 @@ def test_chosen_words_overlay_and_resolution(host, edited_run):
 
 def test_maps_come_from_the_run_that_made_the_samples(host, edited_run):
     patched, clip, positive, latent, first, _ = edited_run
-    first_maps = controller_of(patched).maps.run_of(patched.model.process_latent_in(first)).mean(4)
+    first_maps = controller_of(host, patched).maps.run_of(patched.model.process_latent_in(first)).mean(4)
     second = sample(host, patched, clip, positive, latent, steps=4, seed=11)
-    runs = controller_of(patched).maps.runs
+    runs = controller_of(host, patched).maps.runs
     assert len(runs) >= 2
     assert not torch.allclose(runs[-1].mean(4)[0], first_maps[0])
     # Rendering the first run's samples after a second run still shows the first run's maps.
-    assert controller_of(patched).maps.run_of(patched.model.process_latent_in(first)).mean(4)[0].equal(first_maps[0])
+    assert controller_of(host, patched).maps.run_of(patched.model.process_latent_in(first)).mean(4)[0].equal(first_maps[0])
     assert not torch.equal(render(host, patched, first), render(host, patched, second))
 
 

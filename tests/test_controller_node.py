@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
 
+import comfy_host
+import tiny_models
 from p2p_helpers import assert_same, controller_of, p2p, plain, reweight, sample, swap
 
 PROMPT = "a photo of a cat riding a bicycle"
@@ -33,7 +36,7 @@ def test_patches_survive_clone_and_state_does_not_leak_between_runs(host, load_t
     patched, positive, latent = p2p(host, model, clip, swap(host, PROMPT, TARGET))
     first = sample(host, patched, clip, positive, latent)
     downstream = patched.clone()  # what a LoRA loader or another patch node does
-    assert controller_of(downstream) is controller_of(patched)
+    assert controller_of(host, downstream) is controller_of(host, patched)
     assert torch.equal(sample(host, downstream, clip, positive, latent), first)
     other = sample(host, patched, clip, positive, latent, seed=11)  # a second sampler on the same model
     assert not torch.equal(other, first)
@@ -101,6 +104,37 @@ def test_edits_that_do_not_fit_the_prompts_get_clear_errors(host, load_tiny, mak
     model, clip, _ = load_tiny("sd15")
     with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=match):
         p2p(host, model, clip, make_edit(host))
+
+
+def chained_swaps_prompt(second_target: str) -> dict:
+    """Two chained Word Swaps into a controller; the controller's latent is captured."""
+    ckpt = tiny_models.tiny_checkpoint_name("sd15")
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "2": {"class_type": "P2PWordSwap", "inputs": {"source": PROMPT, "target": TARGET}},
+        "3": {"class_type": "P2PWordSwap", "inputs": {"source": PROMPT, "target": second_target, "p2p_edit": ["2", 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "P2PController", "inputs": {"model": ["1", 0], "clip": ["1", 1], "p2p_edit": ["3", 0], "latent": ["4", 0],
+                                                       "cross_replace_steps": 0.8, "self_replace_steps": 0.4}},
+        "6": {"class_type": "TestCaptureLatent", "inputs": {"value": ["5", 2], "key": "latent"}},
+    }
+
+
+@pytest.mark.parametrize(
+    "second_target, failing_node, match",
+    [
+        ("a photo of a big dog riding a bicycle", "3", r"\[P2P Word Swap #3 › target\] .*'a photo of a big dog riding a bicycle' has 8"),
+        ("a photo of a embedding:nosuchemb riding a bicycle", "5",
+         r"\[P2P Word Swap #3 › target\] the embedding 'embedding:nosuchemb' in 'a photo of a embedding:nosuchemb riding a bicycle' was not found"),
+    ],
+)
+def test_errors_name_the_chained_node_and_quote_its_target(host, captured, second_target, failing_node, match):
+    """A wrong word count stops at the Word Swap that has it; a missing embedding is found when the
+    controller tokenizes, and named for the node whose target has it."""
+    with pytest.raises(comfy_host.ExecutionError) as error:
+        host.execute(chained_swaps_prompt(second_target))
+    assert error.value.details["node_id"] == failing_node
+    assert re.search(match, error.value.message), error.value.message
 
 
 @pytest.mark.parametrize(

@@ -41,8 +41,8 @@ def blended(host, edit, source_words="cat", target_words="dog", subtract="", thr
     return edits(host).local_blend(edit, source_words, target_words, subtract, threshold, start, mask, combine, "P2P Local Blend")
 
 
-def final_mask(patched) -> torch.Tensor:
-    run = controller_of(patched).maps.runs[-1]
+def final_mask(host, patched) -> torch.Tensor:
+    run = controller_of(host, patched).maps.runs[-1]
     return run.blend_mask
 
 
@@ -62,7 +62,7 @@ def test_outside_the_mask_the_target_is_the_source(host, steered, sampler):
     patched, positive, latent = p2p(host, model, clip, blended(host, swap(host, PROMPT, TARGET)), size=SIZE)
     scheduler = "ddim_uniform" if sampler == "ddim" else "normal"
     out = sample(host, patched, clip, positive, latent, sampler=sampler, scheduler=scheduler, steps=5)
-    assert_outside_is_source(out, final_mask(patched))
+    assert_outside_is_source(out, final_mask(host, patched))
 
 
 @pytest.mark.parametrize("kind, size", [("sd2v", (192, 256)), ("sdxl", (256, 192))])
@@ -74,9 +74,9 @@ def test_blend_for_every_architecture_and_aspect_ratio(host, steered, kind, size
             model, clip, blended(host, swap(host, PROMPT, TARGET)), latent, 0.8, 0.4
         )
     out = sample(host, patched, clip, positive, latent, steps=5)
-    masks = final_mask(patched)
+    masks = final_mask(host, patched)
     # The tiny SD2.x model has no 1/4 layers: the blend uses the nearest resolution it has.
-    downscale = controller_of(patched).maps.runs[-1].nearest_downscale(4)
+    downscale = controller_of(host, patched).maps.runs[-1].nearest_downscale(4)
     assert downscale == {"sd2v": 2, "sdxl": 4}[kind]
     assert torch.equal(masks[0], known_region((size[0] // 8, size[1] // 8), downscale))
     assert_outside_is_source(out, masks)
@@ -86,11 +86,11 @@ def test_the_region_is_where_the_words_attend(host, steered):
     model, clip = steered()
     patched, positive, latent = p2p(host, model, clip, blended(host, swap(host, PROMPT, TARGET)), size=SIZE)
     sample(host, patched, clip, positive, latent, steps=5)
-    assert torch.equal(final_mask(patched)[0], known_region((SIZE // 8, SIZE // 8)))
+    assert torch.equal(final_mask(host, patched)[0], known_region((SIZE // 8, SIZE // 8)))
     # Another word's region is elsewhere: the blend follows the words it is given.
     patched, positive, latent = p2p(host, model, clip, blended(host, swap(host, PROMPT, TARGET), "bicycle", "bicycle"), size=SIZE)
     sample(host, patched, clip, positive, latent, steps=5)
-    assert not torch.equal(final_mask(patched)[0], known_region((SIZE // 8, SIZE // 8)))
+    assert not torch.equal(final_mask(host, patched)[0], known_region((SIZE // 8, SIZE // 8)))
 
 
 def test_several_targets_refine_and_reweight_each_get_their_own_region(host, steered):
@@ -101,7 +101,7 @@ def test_several_targets_refine_and_reweight_each_get_their_own_region(host, ste
     edit = blended(host, edit, source_words="cat", target_words="dog, red")
     patched, positive, latent = p2p(host, model, clip, edit, size=SIZE)
     out = sample(host, patched, clip, positive, latent, steps=5)
-    masks = final_mask(patched)
+    masks = final_mask(host, patched)
     assert masks.shape == (2, SIZE // 8, SIZE // 8)
     assert not torch.equal(masks[0], masks[1])
     assert_outside_is_source(out, masks)
@@ -112,7 +112,7 @@ def test_mask_is_the_thresholded_pooled_map_of_the_words(host, load_tiny):
     attention above 0.3 of its maximum, at the 1/4 layers, after a 3x3 max-pool."""
     model, clip, _ = load_tiny("sd15")
     patched, positive, latent = p2p(host, model, clip, blended(host, swap(host, PROMPT, TARGET)), size=SIZE)
-    controller = controller_of(patched)
+    controller = controller_of(host, patched)
     recorder = MapRecorder()
     controller.recorders.append(recorder)
     sample(host, patched, clip, positive, latent, steps=4)
@@ -128,7 +128,7 @@ def test_mask_is_the_thresholded_pooled_map_of_the_words(host, load_tiny):
         upsampled = torch.nn.functional.interpolate(pooled, size=(SIZE // 8, SIZE // 8), mode="nearest")[0, 0]
         regions.append(upsampled / upsampled.max() > 0.3)
     expected = (regions[0] | regions[1]).float()
-    assert torch.equal(final_mask(patched)[0], expected)
+    assert torch.equal(final_mask(host, patched)[0], expected)
 
 
 def test_subtract_words_are_cut_out(host, load_tiny):
@@ -139,7 +139,7 @@ def test_subtract_words_are_cut_out(host, load_tiny):
     for edit in (plain_blend, cut_blend):
         patched, positive, latent = p2p(host, model, clip, edit, size=SIZE)
         sample(host, patched, clip, positive, latent, steps=4)
-        masks.append(final_mask(patched))
+        masks.append(final_mask(host, patched))
     assert bool((masks[1] <= masks[0]).all()) and masks[1].sum() < masks[0].sum()
 
 
@@ -150,7 +150,7 @@ def test_a_user_mask_alone_and_combined(host, steered):
     alone = blended(host, swap(host, PROMPT, TARGET), source_words="", target_words="", mask=painted)
     patched, positive, latent = p2p(host, model, clip, alone, size=SIZE)
     out = sample(host, patched, clip, positive, latent, steps=5)
-    masks = final_mask(patched)
+    masks = final_mask(host, patched)
     assert torch.equal(masks[0], painted[0, ::8, ::8])
     assert_outside_is_source(out, masks)
     combined = {}
@@ -158,7 +158,7 @@ def test_a_user_mask_alone_and_combined(host, steered):
         edit = blended(host, swap(host, PROMPT, TARGET), mask=painted if combine else None, combine=combine or "union")
         patched, positive, latent = p2p(host, model, clip, edit, size=SIZE)
         sample(host, patched, clip, positive, latent, steps=5)
-        combined[combine] = final_mask(patched)[0]
+        combined[combine] = final_mask(host, patched)[0]
     half = painted[0, ::8, ::8]
     assert torch.equal(combined["union"], torch.maximum(combined[None], half))
     assert torch.equal(combined["intersect"], torch.minimum(combined[None], half))
@@ -168,7 +168,7 @@ def test_blend_starts_at_start_blend(host, load_tiny):
     model, clip, _ = load_tiny("sd15")
     patched, positive, latent = p2p(host, model, clip, blended(host, swap(host, PROMPT, TARGET), start=1.0))
     out = sample(host, patched, clip, positive, latent, steps=4)
-    assert final_mask(patched) is None  # never started: a plain swap
+    assert final_mask(host, patched) is None  # never started: a plain swap
     reference_model, positive, latent = p2p(host, model, clip, swap(host, PROMPT, TARGET))
     assert_same(out, sample(host, reference_model, clip, positive, latent, steps=4))
 
@@ -182,7 +182,7 @@ def test_blend_with_the_shared_noise_sampler(host, steered):
         sampler = host.pack.NODE_CLASS_MAPPINGS["P2PSampler"]().wrap(nodes["KSamplerSelect"]().get_sampler("euler_ancestral")[0])[0]
         sigmas = nodes["BasicScheduler"]().get_sigmas(patched, "karras", 5, 1.0)[0]
         out = nodes["SamplerCustom"]().sample(patched, True, 5, 7.0, positive, negative, sampler, sigmas, latent)[0]["samples"]
-    assert_outside_is_source(out, final_mask(patched))
+    assert_outside_is_source(out, final_mask(host, patched))
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,7 @@ def test_word_swap_keeps_composition_closer_than_a_plain_edit(host, load_tiny, k
 def test_full_replacement_maps_equal_the_mapped_source_maps(host, load_tiny, kind):
     model, clip, _ = load_tiny(kind)
     patched, positive, latent = p2p(host, model, clip, swap(host, "a cat on the mat", "a hippopotamus on the mat"), cross=1.0, self_=0.0)
-    controller = controller_of(patched)
+    controller = controller_of(host, patched)
     recorder = MapRecorder()
     controller.recorders.append(recorder)
     sample(host, patched, clip, positive, latent, steps=2)
@@ -65,7 +65,7 @@ def test_reweight_scales_exactly_the_chosen_tokens(host, load_tiny):
     model, clip, _ = load_tiny("sd15")
     edit = reweight(host, "cat, bicycle: -1.5", 3.0, prompt=PROMPT)
     patched, positive, latent = p2p(host, model, clip, edit, cross=1.0, self_=0.0)
-    controller = controller_of(patched)
+    controller = controller_of(host, patched)
     recorder = MapRecorder()
     controller.recorders.append(recorder)
     out = sample(host, patched, clip, positive, latent, steps=2)
@@ -83,7 +83,7 @@ def test_reweight_scales_exactly_the_chosen_tokens(host, load_tiny):
 def test_refine_new_tokens_keep_their_own_maps(host, load_tiny):
     model, clip, _ = load_tiny("sd15")
     patched, positive, latent = p2p(host, model, clip, refine(host, "a castle", "a gothic castle at night"), cross=1.0, self_=0.0)
-    controller = controller_of(patched)
+    controller = controller_of(host, patched)
     recorder = MapRecorder()
     controller.recorders.append(recorder)
     sample(host, patched, clip, positive, latent, steps=1)
@@ -110,7 +110,7 @@ def test_several_targets_in_one_batch(host, load_tiny):
 def test_per_word_cross_replace_steps(host, load_tiny):
     model, clip, _ = load_tiny("sd15")
     patched, _, _ = p2p(host, model, clip, swap(host, PROMPT, TARGET), cross=0.8, words="hippopotamus: 0.2, bicycle: 1")
-    target = controller_of(patched).plan.targets[0]
+    target = controller_of(host, patched).plan.targets[0]
     by_text = {}
     for token, until in zip(target.tokens.tokens, target.cross_until.tolist()):
         by_text.setdefault(token.text, set()).add(round(until, 4))

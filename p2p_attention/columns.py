@@ -1,0 +1,82 @@
+"""Where each prompt's tokens sit in the conditioning columns the model attends to.
+
+The prompts of one P2P batch share one conditioning, so they must have one length. Two layouts:
+
+- ``tiled``: ComfyUI's own rule for cross-attention (UNets): a shorter prompt is repeated to a common
+  length. Attention over repeated keys is unchanged (each copy gets an equal share of its token's
+  attention), so this is exact, also for other packs' attention patches chained underneath.
+- ``padded``: joint attention (DiT models) attends over text and image keys together, where
+  repeating text keys would change the text's share; each segment of a shorter prompt is padded
+  instead, and the padding columns are masked out of every attention call (``Columns.padding``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tokens import PromptTokens
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A prompt's ``index.numel()`` tokens among ``count`` columns: token ``t`` in columns
+    ``index[t] + j * period`` for ``j < copies``; the other columns are padding."""
+
+    index: torch.Tensor  # [tokens], long
+    copies: int
+    period: int
+    count: int
+
+    @property
+    def padding(self) -> torch.Tensor:
+        """[count] bool: the columns that hold none of the prompt's tokens."""
+        held = torch.zeros(self.count, dtype=torch.bool)
+        held[self.spread_index()] = True
+        return ~held
+
+    def spread_index(self) -> torch.Tensor:
+        """[copies * tokens]: every column holding a token, copy by copy."""
+        return (self.index[None, :] + self.period * torch.arange(self.copies)[:, None]).flatten()
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """``[..., count]`` per column -> ``[..., tokens]``: the sum over each token's copies."""
+        picked = values[..., self.spread_index().to(values.device)]
+        return picked.unflatten(-1, (self.copies, self.index.numel())).sum(dim=-2)
+
+    def spread(self, values: torch.Tensor, fill: float | bool) -> torch.Tensor:
+        """``[..., tokens]`` per token -> ``[..., count]``: each copy holds its token's value."""
+        out = torch.full(values.shape[:-1] + (self.count,), fill, dtype=values.dtype, device=values.device)
+        out[..., self.spread_index().to(values.device)] = values.repeat(*([1] * (values.dim() - 1)), self.copies)
+        return out
+
+
+def tiled(tokens: int, count: int) -> Columns:
+    """The prompt repeated to ``count`` columns (ComfyUI's batching of cross-attention conds)."""
+    if count % tokens:
+        raise ValueError(f"{count} columns do not tile a prompt of {tokens} tokens")
+    return Columns(index=torch.arange(tokens), copies=count // tokens, period=tokens, count=count)
+
+
+def padded(prompt: PromptTokens, lengths: list[int]) -> Columns:
+    """Each segment of the prompt at the start of its slot of ``lengths[i]`` columns."""
+    if len(lengths) != len(prompt.segments) or any(s.length > n for s, n in zip(prompt.segments, lengths)):
+        raise ValueError(f"segments {[s.length for s in prompt.segments]} do not fit slots {lengths}")
+    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+    index = torch.cat([offset + torch.arange(s.length) for s, offset in zip(prompt.segments, offsets)])
+    return Columns(index=index, copies=1, period=sum(lengths), count=sum(lengths))
+
+
+def common_lengths(prompts: list[PromptTokens]) -> list[int]:
+    """The padded layout's slot per segment: the longest prompt's."""
+    return [max(p.segments[i].length for p in prompts) for i in range(len(prompts[0].segments))]
+
+
+def map_on_columns(matrix: torch.Tensor, source: Columns, target: Columns) -> torch.Tensor:
+    """A token map ``[source tokens, target tokens]`` between columns: ``[source.count, target.count]``.
+
+    A source column holds ``1 / copies`` of its token's attention and passes all of it on; a target
+    token's share is split evenly over its copies.
+    """
+    rows = source.spread(matrix.T, 0.0).T  # [source.count, target tokens]
+    return target.spread(rows, 0.0) / target.copies
