@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import comfy_host
+import tiny_dit_models
 import tiny_models
 import workflow_api
 
@@ -80,6 +81,40 @@ def load_tiny(host: comfy_host.Host):
             with torch.inference_mode():
                 cache[kind] = host.nodes.CheckpointLoaderSimple().load_checkpoint(tiny_models.tiny_checkpoint_name(kind))[:3]
         return cache[kind]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_checkpoint(host: comfy_host.Host):
+    """``tiny_dit_checkpoint(kind, peaked=True) -> Path`` of a tiny DiT checkpoint in the host's
+    checkpoints folder, written on first use (so hosts and runs that do not use them do not pay for
+    them). Skips on a ComfyUI without the DiT architectures (the 2024 host)."""
+
+    def checkpoint(kind: str, peaked: bool = True) -> Path:
+        reason = tiny_dit_models.unsupported_reason()
+        if reason:
+            pytest.skip(reason)
+        tiny_dit_models.register_tiny_dit_architectures()
+        path = host.work_dir / "models" / "checkpoints" / tiny_dit_models.tiny_dit_checkpoint_name(kind, peaked)
+        if not path.is_file():
+            tiny_dit_models.write_tiny_dit_checkpoint(kind, path, seed=0, peaked=peaked)
+        return path
+
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def load_tiny_dit(host: comfy_host.Host, tiny_dit_checkpoint):
+    """``load_tiny_dit(kind, peaked=True) -> (model, clip, vae)`` through the stock CheckpointLoaderSimple."""
+    cache: dict[tuple[str, bool], tuple] = {}
+
+    def load(kind: str, peaked: bool = True) -> tuple:
+        if (kind, peaked) not in cache:
+            name = tiny_dit_checkpoint(kind, peaked).name
+            with torch.inference_mode():
+                cache[kind, peaked] = host.nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
+        return cache[kind, peaked]
 
     return load
 
