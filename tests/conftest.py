@@ -154,12 +154,18 @@ def saved_images(host: comfy_host.Host, result: dict) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def ui_server(host: comfy_host.Host, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def ui_server(host: comfy_host.Host, tmp_path_factory: pytest.TempPathFactory, tiny_dit_checkpoint: Any) -> Any:
     """The real ComfyUI server (main.py, the same checkout as ``host``) in a subprocess, with this
-    pack and the tiny SD1.5 checkpoint under the shipped workflows' file name."""
+    pack and the tiny SD1.5 checkpoint under the shipped workflows' file name; on v0.3.75 also the
+    tiny DiT checkpoints under the real file names that shipped workflows load."""
     import comfy_server
 
     checkpoint = host.work_dir / "models" / "checkpoints" / tiny_models.tiny_checkpoint_name("sd15")
+    dit_links = {}
+    if tiny_dit_models.unsupported_reason() is None:
+        shipped = "".join(path.read_text() for path in WORKFLOWS.glob("*.json"))
+        dit_links = {name: tiny_dit_checkpoint(kind) for kind, name in tiny_dit_models.REAL_FILE_NAMES.items() if name in shipped}
     server = comfy_server.start_server(host.path, tmp_path_factory.mktemp("server"), checkpoint, current=host.version == "current")
+    comfy_server.link_checkpoints(server.work_dir, dit_links)
     yield server
     server.stop()

@@ -367,3 +367,29 @@ def test_joint_attention_calls(host: Any, load_tiny_dit: Any, kind: str) -> None
     assert calls == _calls(kind)
     assert inputs == [EXPECTED[kind]["inputs"]]
 
+
+def test_server_loads_them_under_real_file_names(tiny_dit_checkpoint: Any, request: pytest.FixtureRequest) -> None:
+    """The browser test's server: tiny DiT checkpoints linked under the real names shipped workflows
+    use, listed by the stock loader and run there (the server registers the tiny architectures)."""
+    import comfy_server
+
+    links = {name: tiny_dit_checkpoint(kind) for kind, name in tiny_dit_models.REAL_FILE_NAMES.items()}  # skips on 2024
+    server = request.getfixturevalue("ui_server")
+    comfy_server.link_checkpoints(server.work_dir, links)
+    listed = server.get_json("/object_info/CheckpointLoaderSimple")["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert set(links) <= set(listed)
+    prompt = {}
+    for index, name in enumerate(links):
+        prompt.update({
+            f"{index}_load": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
+            f"{index}_text": {"class_type": "CLIPTextEncode", "inputs": {"clip": [f"{index}_load", 1], "text": PROMPT}},
+            f"{index}_latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            f"{index}_sample": {"class_type": "KSampler", "inputs": {
+                "model": [f"{index}_load", 0], "seed": 0, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                "positive": [f"{index}_text", 0], "negative": [f"{index}_text", 0], "latent_image": [f"{index}_latent", 0], "denoise": 1.0}},
+            f"{index}_decode": {"class_type": "VAEDecode", "inputs": {"samples": [f"{index}_sample", 0], "vae": [f"{index}_load", 2]}},
+            f"{index}_preview": {"class_type": "PreviewImage", "inputs": {"images": [f"{index}_decode", 0]}},
+        })
+    entry = comfy_server.wait_for_prompt(server, server.queue_prompt(prompt), timeout_s=120)
+    assert entry["status"]["status_str"] == "success", f"{entry['status']['messages']}\n{server.log_tail()}"
+    assert sorted(entry["outputs"]) == sorted(f"{index}_preview" for index in range(len(links)))
