@@ -1,8 +1,10 @@
 """The real ComfyUI server (``main.py``) in a subprocess, and its page in headless Chromium.
 
 The server is the same checkout the in-process tests run (a host in .hosts/, or ``COMFYUI_PATH``), started on 127.0.0.1 with the CPU, this pack in its custom_nodes, and the tests'
-tiny SD1.5 checkpoint under the file name the shipped workflows use. A second, test-only custom node
-folder registers the tiny architectures in the server process (never shipped with the pack).
+tiny SD1.5 checkpoint under the file name the shipped workflows use (``link_checkpoints`` adds others,
+e.g. the tiny DiT checkpoints under the real names of Flux, SD3.5, Qwen-Image and Chroma files). A
+second, test-only custom node folder registers the tiny architectures in the server process (never
+shipped with the pack).
 
 The page is driven with Selenium through Debian's ``chromium`` and ``chromium-driver`` (installed
 by scripts/setup.sh): no browser is downloaded. Everything the helpers read or do in the page goes
@@ -41,9 +43,12 @@ REGISTER_TINY_MODELS = '''"""Test-only: lets this ComfyUI server load the tests'
 import sys
 
 sys.path.insert(0, {tests!r})
+import tiny_dit_models  # noqa: E402
 import tiny_models  # noqa: E402
 
 tiny_models.register_tiny_architectures()
+if tiny_dit_models.unsupported_reason() is None:  # the DiT architectures exist in v0.3.75, not in 2024
+    tiny_dit_models.register_tiny_dit_architectures()
 NODE_CLASS_MAPPINGS = {{}}
 '''
 
@@ -87,6 +92,13 @@ class ComfyServer:
         except urllib.error.HTTPError as error:
             return error.code
 
+    def queue_prompt(self, prompt: dict) -> str:
+        """POST an API-format prompt to /prompt, as the page's queue button does; returns its id."""
+        request = urllib.request.Request(self.url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())["prompt_id"]
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -94,6 +106,16 @@ class ComfyServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def link_checkpoints(work_dir: Path, links: dict[str, Path]) -> None:
+    """Show each file under a checkpoint name (name -> file) in the server's checkpoints folder, e.g.
+    the tiny DiT checkpoints under the real names shipped workflows load. The server lists the folder
+    again when it changes, so links made while it runs show up too."""
+    for name, target in links.items():
+        link = work_dir / "models" / "checkpoints" / name
+        if not (link.is_symlink() and link.resolve() == Path(target).resolve()):
+            link.symlink_to(target)
 
 
 def start_server(comfy_path: Path, work_dir: Path, checkpoint: Path, current: bool) -> ComfyServer:
@@ -107,7 +129,7 @@ def start_server(comfy_path: Path, work_dir: Path, checkpoint: Path, current: bo
     registration = custom_nodes / "p2p_test_tiny_models"
     registration.mkdir()
     (registration / "__init__.py").write_text(REGISTER_TINY_MODELS.format(tests=str(REPO_ROOT / "tests")))
-    (checkpoints / CHECKPOINT).symlink_to(checkpoint)
+    link_checkpoints(work_dir, {CHECKPOINT: checkpoint})
     config = work_dir / "extra_model_paths.yaml"
     config.write_text(f"p2p_tests:\n  custom_nodes: {custom_nodes}\n  checkpoints: {checkpoints}\n")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import comfy_host
+import tiny_dit_models
 import tiny_models
 import workflow_api
 
@@ -85,6 +86,40 @@ def load_tiny(host: comfy_host.Host):
 
 
 @pytest.fixture(scope="session")
+def tiny_dit_checkpoint(host: comfy_host.Host):
+    """``tiny_dit_checkpoint(kind, peaked=True) -> Path`` of a tiny DiT checkpoint in the host's
+    checkpoints folder, written on first use (so hosts and runs that do not use them do not pay for
+    them). Skips on a ComfyUI without the DiT architectures (the 2024 host)."""
+
+    def checkpoint(kind: str, peaked: bool = True) -> Path:
+        reason = tiny_dit_models.unsupported_reason()
+        if reason:
+            pytest.skip(reason)
+        tiny_dit_models.register_tiny_dit_architectures()
+        path = host.work_dir / "models" / "checkpoints" / tiny_dit_models.tiny_dit_checkpoint_name(kind, peaked)
+        if not path.is_file():
+            tiny_dit_models.write_tiny_dit_checkpoint(kind, path, seed=0, peaked=peaked)
+        return path
+
+    return checkpoint
+
+
+@pytest.fixture(scope="session")
+def load_tiny_dit(host: comfy_host.Host, tiny_dit_checkpoint):
+    """``load_tiny_dit(kind, peaked=True) -> (model, clip, vae)`` through the stock CheckpointLoaderSimple."""
+    cache: dict[tuple[str, bool], tuple] = {}
+
+    def load(kind: str, peaked: bool = True) -> tuple:
+        if (kind, peaked) not in cache:
+            name = tiny_dit_checkpoint(kind, peaked).name
+            with torch.inference_mode():
+                cache[kind, peaked] = host.nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
+        return cache[kind, peaked]
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def run_workflow(host: comfy_host.Host):
     """Run a shipped workflow (UI format) unchanged but for the checkpoint file, through the executor."""
 
@@ -119,12 +154,18 @@ def saved_images(host: comfy_host.Host, result: dict) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
-def ui_server(host: comfy_host.Host, tmp_path_factory: pytest.TempPathFactory) -> Any:
+def ui_server(host: comfy_host.Host, tmp_path_factory: pytest.TempPathFactory, tiny_dit_checkpoint: Any) -> Any:
     """The real ComfyUI server (main.py, the same checkout as ``host``) in a subprocess, with this
-    pack and the tiny SD1.5 checkpoint under the shipped workflows' file name."""
+    pack and the tiny SD1.5 checkpoint under the shipped workflows' file name; on v0.3.75 also the
+    tiny DiT checkpoints under the real file names that shipped workflows load."""
     import comfy_server
 
     checkpoint = host.work_dir / "models" / "checkpoints" / tiny_models.tiny_checkpoint_name("sd15")
+    dit_links = {}
+    if tiny_dit_models.unsupported_reason() is None:
+        shipped = "".join(path.read_text() for path in WORKFLOWS.glob("*.json"))
+        dit_links = {name: tiny_dit_checkpoint(kind) for kind, name in tiny_dit_models.REAL_FILE_NAMES.items() if name in shipped}
     server = comfy_server.start_server(host.path, tmp_path_factory.mktemp("server"), checkpoint, current=host.version == "current")
+    comfy_server.link_checkpoints(server.work_dir, dit_links)
     yield server
     server.stop()

@@ -1,0 +1,458 @@
+"""Tiny random-weight checkpoints in ComfyUI v0.3.75's real DiT architectures, with their real tokenizers.
+
+Kinds: ``flux_dev`` (Flux.1 with the guidance embedding: guidance-distilled, sampled at cfg 1),
+``flux_schnell`` (Flux.1 without it), ``chroma``, ``sd35`` (SD3.5 MMDiT-X: an extra image-only
+attention in the first block, as SD3.5 Medium has in its first half) and ``qwen_image``.
+
+As in ``tiny_models`` (the UNet kinds): ComfyUI detects a checkpoint's architecture from its weight
+shapes and takes the first config in ``comfy.supported_models.models`` that matches, so
+``register_tiny_dit_architectures`` puts test-only subclasses of the real ``Flux`` / ``FluxSchnell``
+/ ``Chroma`` / ``SD3`` / ``QwenImage`` configs at the front of that list. They match only the tiny
+widths and depths, and set what detection hard-codes for the real sizes (Flux's 24 heads, Chroma's
+approximator, Qwen-Image's widths) in ``unet_extra_config``. The model classes, blocks, attention
+calls, latent formats, checkpoint key layouts and the loader are ComfyUI's own.
+
+Text encoders are ComfyUI's own classes (``FluxClipModel``, ``SD3ClipModel``, ``PixArtT5XXL``,
+``QwenImageTEModel``) with tiny configs, given through ComfyUI's ``<name>_model_config`` and
+``<name>_class`` model options, and the real tokenizers with their full vocabularies (CLIP 49408,
+T5 32128, Qwen2.5 152064 rows). Two departures, both forced by fixed sizes in ComfyUI:
+- SD3ClipModel pads the CLIP-L+G hidden states to T5-XXL's 4096 columns and stacks the T5 tokens
+  under them: the tiny T5's output is zero-padded to 4096 columns in ``sd35`` (as wide as the real
+  conditioning; the other T5 kinds keep the tiny width).
+- Qwen2.5-VL's vision tower is built at 1280 wide and 32 deep whatever the config says: the tiny
+  one is built with small sizes (it is not used for text-to-image).
+
+VAEs: ComfyUI's TAESD with 16 latent channels for Flux, Chroma and SD3.5 (the stock loader builds
+the KL autoencoders at their full width), and a narrow Wan 2.1 VAE (Qwen-Image's real one; the
+loader reads its width from the weights) for Qwen-Image, whose latents are 5-D [B, 16, 1, h, w].
+The real latent formats (Flux, SD3, Wan21) apply.
+
+Weights: every tensor is drawn from its own generator, seeded from ``seed`` and its name
+(``tiny_models``' rules: N(0, 1/fan_in) for linear and conv weights, so activations keep their
+scale; norms 1), so a checkpoint is a pure function of ``(kind, seed)``. At that initialisation the
+joint attention is nearly uniform and the adaLN gates small, and a one-word prompt edit changes the
+image by 0.3-4%. Three gains make the diffusion model behave like a trained text-to-image model:
+- ``QK_GAIN``: the q/k RMS norm scales, so attention logits have a standard deviation of about 4
+  instead of 1 and image queries attend to a few tokens;
+- ``TEXT_KEY_GAIN``: the text stream's key norm (where a block has its own), so image queries give
+  the text a large share of their attention, not just its share of the tokens;
+- ``MODULATION_GAIN``: the adaLN projections, so shift, scale and gate are of order 1.
+The tests measure the result (peaked image-to-text maps, prompt words with maps that vary over the
+image, a one-word edit changing the image by 9-30% through the attention alone) and check that the
+usual initialisation (``peaked=False``) fails the same checks.
+
+Usage, after ``comfy_host.boot()`` on v0.3.75::
+
+    register_tiny_dit_architectures()
+    write_tiny_dit_checkpoint("flux_dev", checkpoints_dir / tiny_dit_checkpoint_name("flux_dev"))
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import tiny_models
+
+KINDS = ("flux_dev", "flux_schnell", "chroma", "sd35", "qwen_image")
+
+# File names of real checkpoints that shipped workflows load; the browser test's server links the
+# tiny checkpoints under them (kind -> name).
+REAL_FILE_NAMES = {
+    "flux_dev": "flux1-dev-fp8.safetensors",
+    "sd35": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",
+    "qwen_image": "qwen_image_all_in_one.safetensors",
+    "chroma": "chroma_all_in_one.safetensors",
+}
+
+# The real config classes (comfy.supported_models) each kind subclasses.
+REAL_CONFIGS = {"flux_dev": "Flux", "flux_schnell": "FluxSchnell", "chroma": "Chroma", "sd35": "SD3", "qwen_image": "QwenImage"}
+
+# Gains of the diffusion model's attention and modulation (see the module docstring).
+QK_GAIN = 2.0  # q/k RMS norm scales: attention logits with a standard deviation of about 4
+TEXT_KEY_GAIN = 4.0  # the text stream's key norm scale, where the block has its own
+MODULATION_GAIN = 3.0  # adaLN projections: shift, scale and gate of order 1
+# Module names (suffixes) they apply to: Flux / Chroma QKNorm, MMDiT ln_q / ln_k (attn2: MMDiT-X),
+# Qwen-Image norm_q / norm_k / norm_added_q / norm_added_k; the modulation projections of Flux
+# (Modulation, LastLayer), MMDiT (DismantledBlock, FinalLayer) and Qwen-Image (blocks, LastLayer).
+_TEXT_KEY_NORMS = ("txt_attn.norm.key_norm", "context_block.attn.ln_k", "attn.norm_added_k")
+_QK_NORMS = ("norm.query_norm", "norm.key_norm", "attn.ln_q", "attn.ln_k", "attn2.ln_q", "attn2.ln_k", "attn.norm_q",
+             "attn.norm_k", "attn.norm_added_q")
+_MODULATIONS = ("img_mod.lin", "txt_mod.lin", "modulation.lin", "adaLN_modulation.1", "img_mod.1", "txt_mod.1",
+                "norm_out.linear")
+
+# --- text encoders ---------------------------------------------------------------------------------
+CLIP_L = tiny_models._text_config("sdxl_l")  # 32 wide, 3 layers: Flux's pooled vector, SD3's first columns
+CLIP_G = tiny_models._text_config("sdxl_g")  # 64 wide: SD3
+# T5-XXL's layout (gated GELU, relative position buckets, 32128-token vocabulary) at 32 wide.
+T5 = {"d_model": 32, "d_kv": 16, "num_heads": 2, "d_ff": 64, "num_layers": 2}
+T5XXL_WIDTH = 4096
+# Qwen2.5-7B-VL's layout (GQA, multimodal RoPE over 128-wide heads, q/k/v biases, 152064 rows) at 32 wide.
+QWEN25 = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
+QWEN25_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_layers": 2}
+
+# --- diffusion models ------------------------------------------------------------------------------
+# What comfy.model_detection.detect_unet_config reads from the tiny weights (checked when a checkpoint
+# is written), and the sizes detection cannot see, which the tiny configs set (unet_extra_config).
+HIDDEN = 128
+_FLUX_DETECTED = {
+    "image_model": "flux", "axes_dim": [16, 56, 56], "num_heads": 24, "mlp_ratio": 4.0, "theta": 10000,
+    "out_channels": 16, "qkv_bias": True, "in_channels": 16, "hidden_size": HIDDEN,
+    "context_in_dim": T5["d_model"], "patch_size": 2, "vec_in_dim": CLIP_L["hidden_size"], "depth": 2,
+    "depth_single_blocks": 2,
+}
+# 4 heads of 32 channels; RoPE over (index, row, column) in Flux's proportions [16, 56, 56] / 4.
+_FLUX_EXTRA = {"num_heads": 4, "axes_dim": [4, 14, 14]}
+DETECTED: dict[str, dict[str, Any]] = {
+    "flux_dev": {**_FLUX_DETECTED, "guidance_embed": True},
+    "flux_schnell": {**_FLUX_DETECTED, "guidance_embed": False},
+    "chroma": {
+        **{k: v for k, v in _FLUX_DETECTED.items() if k != "vec_in_dim"},
+        "image_model": "chroma", "in_channels": 64, "out_channels": 64,
+        "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5,
+    },
+    # MMDiT: depth d means d joint blocks of 64*d channels and d heads of 64; MMDiT-X self-attention in
+    # block 0 only; q/k RMS norms (SD3.5); a 64x64 position table (up to 1024x1024 images).
+    "sd35": {
+        "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+        "adm_in_channels": CLIP_L["hidden_size"] + CLIP_G["hidden_size"],
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": T5XXL_WIDTH, "out_features": 128}},
+        "num_patches": 64 * 64, "pos_embed_max_size": 64, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+        "x_block_self_attn_layers": [0],
+    },
+    "qwen_image": {"image_model": "qwen_image", "in_channels": 64, "num_layers": 2},
+}
+EXTRA: dict[str, dict[str, Any]] = {
+    "flux_dev": _FLUX_EXTRA,
+    "flux_schnell": _FLUX_EXTRA,
+    # Chroma's approximator maps (timestep, guidance, block index) to every block's modulation: out_dim
+    # is the model width.
+    "chroma": {**_FLUX_EXTRA, "out_dim": HIDDEN, "hidden_dim": 64, "n_layers": 2},
+    "sd35": {},
+    "qwen_image": {"num_attention_heads": 4, "attention_head_dim": 32, "axes_dims_rope": [4, 14, 14],
+                   "joint_attention_dim": QWEN25["hidden_size"]},
+}
+# The detected keys the tiny configs match on (with the real configs' own keys).
+_MATCHED = {
+    "flux_dev": ("in_channels", "hidden_size", "context_in_dim", "vec_in_dim", "depth", "depth_single_blocks"),
+    "flux_schnell": ("in_channels", "hidden_size", "context_in_dim", "vec_in_dim", "depth", "depth_single_blocks"),
+    "chroma": ("hidden_size", "context_in_dim", "depth", "depth_single_blocks"),
+    "sd35": ("depth", "adm_in_channels", "context_embedder_config", "num_patches", "qk_norm", "x_block_self_attn_layers"),
+    "qwen_image": ("in_channels", "num_layers"),
+}
+WAN_VAE_DIM = 8  # the real Wan 2.1 VAE is 96 wide
+
+_REGISTERED: dict[str, type] = {}
+
+
+def tiny_dit_checkpoint_name(kind: str, peaked: bool = True) -> str:
+    """The file name the tests use for a tiny DiT checkpoint in the checkpoints folder."""
+    _check_kind(kind)
+    return f"tiny_{kind}.safetensors" if peaked else f"tiny_{kind}_flat.safetensors"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny DiT model kind {kind!r}; expected one of {KINDS}")
+
+
+def unsupported_reason() -> str | None:
+    """Why the booted ComfyUI cannot run the tiny DiT models (None when it can): the March-2024 host
+    has none of these architectures."""
+    import comfy.supported_models as supported
+
+    import comfy_host
+
+    missing = [name for name in REAL_CONFIGS.values() if not hasattr(supported, name)]
+    if not missing:
+        return None
+    version = comfy_host.comfyui_version(Path(supported.__file__).resolve().parents[1])
+    return (f"this ComfyUI host (comfyui_version {version}) has no {', '.join(missing)} model configs: "
+            "the tiny DiT models need ComfyUI v0.3.75 (.hosts/comfyui-0.3.75)")
+
+
+def _classes() -> dict[str, type]:
+    """The tiny model configs, built on ComfyUI's classes (imported only once the host is booted)."""
+    import comfy.sd1_clip as sd1_clip
+    import comfy.supported_models as supported
+    import comfy.supported_models_base as base
+    import comfy.text_encoders.flux as flux_te
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.pixart_t5 as pixart_t5
+    import comfy.text_encoders.qwen_image as qwen_image_te
+    import comfy.text_encoders.qwen_vl as qwen_vl
+    import comfy.text_encoders.sd3_clip as sd3_clip
+
+    def with_model_options(clip_class: type, options: dict[str, Any], name: str) -> type:
+        """``clip_class`` (a ComfyUI text encoder model) built with ``options`` added to its model
+        options: ``SDClipModel`` overrides its config with ``<model name>_model_config`` and
+        ``SD1ClipModel`` takes its encoder class from ``<name>_class``."""
+
+        class TinyTextEncoders(clip_class):
+            def __init__(self, device: Any = "cpu", dtype: Any = None, model_options: dict | None = None) -> None:
+                super().__init__(device=device, dtype=dtype, model_options={**(model_options or {}), **options})
+
+        TinyTextEncoders.__name__ = TinyTextEncoders.__qualname__ = name
+        return TinyTextEncoders
+
+    t5_options = {"t5xxl_model_config": T5}
+
+    class T5PaddedToXXL(sd3_clip.T5XXLModel):
+        """ComfyUI's T5-XXL encoder model; the tiny hidden states are zero-padded to 4096 columns."""
+
+        def encode_token_weights(self, token_weight_pairs: Any) -> tuple:
+            out = super().encode_token_weights(token_weight_pairs)
+            padded = torch.nn.functional.pad(out[0], (0, T5XXL_WIDTH - out[0].shape[-1]))
+            return (padded, *out[1:])
+
+    sd3_base = with_model_options(sd3_clip.sd3_clip(clip_l=True, clip_g=True, t5=True),
+                                  {"clip_l_model_config": CLIP_L, "clip_g_model_config": CLIP_G, **t5_options}, "TinySD3Base")
+
+    class TinySD3TextEncoders(sd3_base):
+        """SD3's CLIP-L + CLIP-G + T5: the CLIP hidden states padded to 4096 columns (77 rows), then
+        the T5 tokens (at least 77), which must be 4096 wide too."""
+
+        def __init__(self, device: Any = "cpu", dtype: Any = None, model_options: dict | None = None) -> None:
+            super().__init__(device=device, dtype=dtype, model_options=model_options)
+            t5_dtype = next(self.t5xxl.parameters()).dtype
+            self.t5xxl = T5PaddedToXXL(device=device, dtype=t5_dtype, attention_mask=self.t5_attention_mask,
+                                       model_options={**(model_options or {}), **t5_options})
+
+    class TinyQwen25VL(llama.Qwen25_7BVLI):
+        """ComfyUI's Qwen2.5-VL language model with a small vision tower (ComfyUI builds it at full size)."""
+
+        def __init__(self, config_dict: dict, dtype: Any, device: Any, operations: Any) -> None:
+            torch.nn.Module.__init__(self)
+            config = llama.Qwen25_7BVLI_Config(**config_dict)
+            self.num_layers = config.num_hidden_layers
+            self.model = llama.Llama2_(config, device=device, dtype=dtype, ops=operations)
+            self.visual = qwen_vl.Qwen2VLVisionTransformer(output_hidden_size=config.hidden_size, **QWEN25_VISION,
+                                                           device=device, dtype=dtype, ops=operations)
+            self.dtype = dtype
+
+    class TinyQwen25VLEncoder(qwen_image_te.Qwen25_7BVLIModel):
+        """``Qwen25_7BVLIModel`` (its special tokens, masks and output layer) around ``TinyQwen25VL``."""
+
+        def __init__(self, device: Any = "cpu", layer: str = "last", layer_idx: int | None = None, dtype: Any = None,
+                     attention_mask: bool = True, model_options: dict | None = None) -> None:
+            sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=dict(QWEN25), dtype=dtype,
+                special_tokens={"pad": 151643}, layer_norm_hidden_state=False, model_class=TinyQwen25VL,
+                enable_attention_masks=attention_mask, return_attention_masks=attention_mask, model_options=model_options or {})
+
+    text_encoders = {
+        "flux": base.ClipTarget(flux_te.FluxTokenizer, with_model_options(
+            flux_te.flux_clip(), {"clip_l_model_config": CLIP_L, **t5_options}, "TinyFluxTextEncoders")),
+        "chroma": base.ClipTarget(pixart_t5.PixArtTokenizer, with_model_options(
+            pixart_t5.pixart_te(), t5_options, "TinyChromaTextEncoder")),
+        "sd35": base.ClipTarget(sd3_clip.SD3Tokenizer, TinySD3TextEncoders),
+        "qwen_image": base.ClipTarget(qwen_image_te.QwenImageTokenizer, with_model_options(
+            qwen_image_te.te(), {"qwen25_7b_class": TinyQwen25VLEncoder}, "TinyQwenImageTextEncoder")),
+    }
+
+    def tiny_config(kind: str) -> type:
+        real = getattr(supported, REAL_CONFIGS[kind])
+        target = text_encoders["flux" if kind.startswith("flux") else kind]
+
+        class TinyConfig(real):
+            unet_config = {**real.unet_config, **{k: DETECTED[kind][k] for k in _MATCHED[kind]}}
+            unet_extra_config = {**real.unet_extra_config, **EXTRA[kind]}
+
+            def clip_target(self, state_dict: Any = None) -> Any:
+                return target
+
+        TinyConfig.__name__ = TinyConfig.__qualname__ = f"Tiny_{REAL_CONFIGS[kind]}_{kind}"
+        return TinyConfig
+
+    configs = {kind: tiny_config(kind) for kind in KINDS}
+
+    class TinyQwenImage(configs["qwen_image"]):
+        @classmethod
+        def matches(cls, unet_config: dict, state_dict: Any = None) -> bool:
+            # Qwen-Image's detected config holds only in_channels and num_layers: the width comes from
+            # the weights (a real checkpoint's txt_norm is 3584 wide).
+            if not super().matches(unet_config, state_dict):
+                return False
+            widths = [v.shape[0] for k, v in (state_dict or {}).items() if k.endswith("txt_norm.weight")]
+            return widths == [QWEN25["hidden_size"]]
+
+    TinyQwenImage.__name__ = TinyQwenImage.__qualname__ = configs["qwen_image"].__name__
+    configs["qwen_image"] = TinyQwenImage
+    return configs
+
+
+def register_tiny_dit_architectures() -> None:
+    """Put the tiny DiT model configs first in ComfyUI's model registry (idempotent; after boot)."""
+    import comfy.supported_models as supported
+
+    if not _REGISTERED:
+        _REGISTERED.update(_classes())
+    for cls in reversed(list(_REGISTERED.values())):
+        if cls not in supported.models:
+            supported.models.insert(0, cls)
+
+
+def tiny_dit_config_class(kind: str) -> type:
+    """The registered model config class for ``kind`` (a subclass of ComfyUI's real one)."""
+    _check_kind(kind)
+    register_tiny_dit_architectures()
+    return _REGISTERED[kind]
+
+
+# --- deterministic weights -------------------------------------------------------------------------
+
+def _rms_norm_classes() -> tuple[type, ...]:
+    """RMS-style norms (a scale, no bias) of these models, which ``tiny_models``' rules leave out."""
+    import comfy.ldm.flux.layers
+    import comfy.ldm.modules.diffusionmodules.mmdit
+    import comfy.ldm.wan.vae
+    import comfy.rmsnorm
+    import comfy.text_encoders.llama
+    import comfy.text_encoders.t5
+
+    return (comfy.ldm.flux.layers.RMSNorm, comfy.ldm.modules.diffusionmodules.mmdit.RMSNorm, comfy.rmsnorm.RMSNorm,
+            comfy.text_encoders.llama.RMSNorm, comfy.text_encoders.t5.T5LayerNorm, comfy.ldm.wan.vae.RMS_norm)
+
+
+def _dit_gains(model: torch.nn.Module) -> tuple[dict[str, float], dict[str, float]]:
+    """(norm scales, weight gains) by parameter name that make the diffusion model's attention peaked
+    and text-conditioned (see the module docstring): the q/k RMS norms' scales, the text stream's
+    key norm where it has its own, and the adaLN modulation projections."""
+    scales, gains = {}, {}
+    for name, sub in model.named_modules():
+        if name.endswith(_TEXT_KEY_NORMS):
+            scales[f"{name}.{_scale_name(sub)}"] = TEXT_KEY_GAIN
+        elif name.endswith(_QK_NORMS):
+            scales[f"{name}.{_scale_name(sub)}"] = QK_GAIN
+        elif name.endswith(_MODULATIONS):
+            gains[f"{name}.weight"] = MODULATION_GAIN
+    return scales, gains
+
+
+def _scale_name(norm: torch.nn.Module) -> str:
+    (name, _), = norm.named_parameters(recurse=False)
+    return name
+
+
+def _initialise(prefix: str, module: torch.nn.Module, seed: int, norm_scales: dict[str, float] | None = None,
+                weight_gains: dict[str, float] | None = None, fixed: dict[str, torch.Tensor] | None = None) -> None:
+    """``tiny_models``' deterministic initialisation, plus what its rules leave out: RMS-style norm
+    scales 1 (or ``norm_scales[name]``), text encoders' logit scales as ComfyUI sets them, buffers
+    that are computed, never saved (rotary frequencies), kept as they are, and ``fixed`` tensors
+    (name -> value). ``weight_gains`` multiplies drawn weights."""
+    norm_scales = norm_scales or {}
+    fixed = dict(fixed or {})
+    persistent = set(module.state_dict())
+    fixed.update({name: buffer.clone() for name, buffer in module.named_buffers()
+                  if buffer.is_floating_point() and name not in persistent})
+    constants: dict[str, float] = {name: 0.0 for name in fixed}  # placeholders: set below
+    norms = _rms_norm_classes()
+    for name, sub in module.named_modules():
+        for leaf, _ in sub.named_parameters(recurse=False):
+            if isinstance(sub, norms):
+                constants[f"{name}.{leaf}"] = norm_scales.get(f"{name}.{leaf}", 1.0)
+            elif leaf == "logit_scale":
+                constants[f"{name}.{leaf}"] = 4.6055
+    unknown = set(norm_scales) - set(constants)
+    if unknown:
+        raise RuntimeError(f"tiny_dit_models: {prefix} has no RMS norm scales {sorted(unknown)}")
+    tiny_models._initialise(prefix, module, seed, constants)
+    with torch.no_grad():
+        for name, gain in (weight_gains or {}).items():
+            module.get_parameter(name).mul_(gain)
+        for name, value in fixed.items():
+            module.get_buffer(name).copy_(value)
+
+
+def _sd3_position_table(kind: str) -> torch.Tensor:
+    """SD3's fixed 2-D sine-cosine position table, as real checkpoints store it."""
+    from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+
+    config = DETECTED[kind]
+    hidden = 64 * config["depth"]
+    return torch.from_numpy(get_2d_sincos_pos_embed(hidden, config["pos_embed_max_size"])).float().unsqueeze(0)
+
+
+# --- building and saving ---------------------------------------------------------------------------
+
+def _vae(kind: str, seed: int, latent_format: Any) -> Any:
+    """``comfy.sd.VAE`` for ``kind``: TAESD with 16 channels, or for Qwen-Image a narrow Wan 2.1 VAE,
+    both built as ComfyUI's VAE loader builds them for the checkpoint's weights."""
+    import comfy.ldm.wan.vae
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    if kind == "qwen_image":
+        wan = comfy.ldm.wan.vae.WanVAE(dim=WAN_VAE_DIM, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                       temperal_downsample=[False, True, True], dropout=0.0)
+        _initialise("vae", wan, seed)
+        return comfy.sd.VAE(sd=dict(wan.state_dict()))
+    # vae_scale / vae_shift as ComfyUI's TAESD loader sets them: the decoder sees unit-scale latents.
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
+    tiny_models._initialise("vae", taesd, seed, constants={"vae_scale": latent_format.scale_factor,
+                                                           "vae_shift": latent_format.shift_factor})
+    return comfy.sd.VAE(sd=dict(taesd.state_dict()))
+
+
+def _build(kind: str, seed: int, peaked: bool) -> tuple[Any, Any, Any, Any]:
+    """(model_config, BaseModel, comfy.sd.CLIP, comfy.sd.VAE) for ``kind``, weights from ``seed``."""
+    import comfy.sd
+
+    cls = tiny_dit_config_class(kind)
+    config = cls(json.loads(json.dumps(DETECTED[kind])))  # a deep copy, as detection returns it
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    fixed = {"pos_embed": _sd3_position_table(kind)} if kind == "sd35" else {}
+    scales, gains = _dit_gains(model.diffusion_model) if peaked else ({}, {})
+    _initialise("dit", model.diffusion_model, seed, norm_scales=scales, weight_gains=gains, fixed=fixed)
+    clip = comfy.sd.CLIP(config.clip_target())
+    _initialise("text", clip.cond_stage_model, seed)
+    return config, model, clip, _vae(kind, seed, config.latent_format)
+
+
+def _state_dict(kind: str, seed: int, peaked: bool) -> dict[str, torch.Tensor]:
+    with torch.inference_mode(False), torch.no_grad():
+        config, model, clip, vae = _build(kind, seed, peaked)
+        # What comfy.sd.save_checkpoint writes: the model config's own key layout for each part,
+        # stored in float16 (as tiny_models does) to keep the files small.
+        state = model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+        out = {key: (t.to(torch.float16) if t.is_floating_point() else t).contiguous().clone() for key, t in state.items()}
+    _check_detection(kind, out)
+    return out
+
+
+def _check_detection(kind: str, state: dict[str, torch.Tensor]) -> None:
+    """The written model must be detected as the tiny config, with exactly the intended layout."""
+    import comfy.model_detection
+
+    detected = comfy.model_detection.detect_unet_config(state, "model.diffusion_model.")
+    if detected != DETECTED[kind]:
+        diff = {k: (detected.get(k), DETECTED[kind].get(k)) for k in set(detected) | set(DETECTED[kind]) if detected.get(k) != DETECTED[kind].get(k)}
+        raise RuntimeError(f"tiny_dit_models: {kind} is detected with a different layout (detected, intended): {diff}")
+    config = comfy.model_detection.model_config_from_unet(dict(state), "model.diffusion_model.")
+    if type(config) is not tiny_dit_config_class(kind):
+        raise RuntimeError(f"tiny_dit_models: {kind} checkpoint is detected as {type(config).__name__}")
+
+
+def tiny_dit_state_dict(kind: str, seed: int = 0, peaked: bool = True) -> dict[str, torch.Tensor]:
+    """The checkpoint ``write_tiny_dit_checkpoint`` writes, as a state dict."""
+    _check_kind(kind)
+    return _state_dict(kind, int(seed), bool(peaked))
+
+
+def write_tiny_dit_checkpoint(kind: str, path: str | os.PathLike, seed: int = 0, peaked: bool = True) -> Path:
+    """Build the tiny ``kind`` diffusion model, text encoders and VAE from ``seed`` and save an
+    all-in-one .safetensors checkpoint. ``peaked=False`` leaves out the attention and modulation
+    gains: the usual initialisation, whose near-uniform attention the tests use as a control."""
+    import comfy.utils
+
+    state = tiny_dit_state_dict(kind, seed, peaked)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    comfy.utils.save_torch_file(state, str(partial))
+    os.replace(partial, path)
+    return path
