@@ -28,9 +28,9 @@ def batched_conditioning(conds: list[torch.Tensor], extras: list[dict], columns:
         row = cond.new_zeros(1, placed.count, cond.shape[-1])
         row[:, placed.spread_index().to(cond.device)] = cond.repeat(1, placed.copies, 1)
         rows.append(row)
-    batched = {}
-    if all(e.get("pooled_output") is not None for e in extras):
-        batched["pooled_output"] = torch.cat([e["pooled_output"] for e in extras])
+    pooled = [e.get("pooled_output") for e in extras]
+    # Present even where the encoder has none (Chroma's T5), as CLIP Text Encode gives it.
+    batched = {"pooled_output": torch.cat(pooled) if all(p is not None for p in pooled) else None}
     return [[torch.cat(rows), batched]]
 
 

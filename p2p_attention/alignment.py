@@ -37,8 +37,8 @@ def word_swap_map(source: PromptTokens, target: PromptTokens, node: str = "P2P W
         )
     matrix = torch.zeros(len(source), len(target))
     for s_segment, t_segment in _segments(source, target):
-        for s, t in _special_pairs(source, s_segment, target, t_segment):
-            matrix[s, t] = 1.0
+        for s, t, share in _special_pairs(source, s_segment, target, t_segment):
+            matrix[s, t] += share
         pairs = zip(source.word_tokens(s_segment), target.word_tokens(t_segment))
         for index, (s_word, t_word) in enumerate(pairs):
             if bool(s_word) != bool(t_word):
@@ -64,9 +64,9 @@ def refine_map(source: PromptTokens, target: PromptTokens) -> TokenMap:
             [source.tokens[p].key for p in source_content], [target.tokens[p].key for p in target_content]
         )
         pairs = _special_pairs(source, s_segment, target, t_segment)
-        pairs += [(source_content[i], target_content[j]) for i, j in matched]
-        for s, t in pairs:
-            matrix[s, t] = 1.0
+        pairs += [(source_content[i], target_content[j], 1.0) for i, j in matched]
+        for s, t, share in pairs:
+            matrix[s, t] += share
             from_source[t] = True
     return TokenMap(matrix, from_source)
 
@@ -112,20 +112,25 @@ def _no_tokens(word: str, text: str, node: str) -> P2PError:
     return P2PError(node, "target", f"the word {word!r} of {text!r} gives no token.", "replace it with a word the model knows.")
 
 
-def _special_pairs(source: PromptTokens, s_segment: Segment, target: PromptTokens, t_segment: Segment) -> list[tuple[int, int]]:
-    """Start, end and padding tokens, chunk by chunk: the target's start token takes the source's,
-    and the k-th token from the target's end token takes the k-th from the source's (the last one
-    where the source's padding is shorter). A target chunk beyond the source's last takes its last.
+def _special_pairs(source: PromptTokens, s_segment: Segment, target: PromptTokens, t_segment: Segment) -> list[tuple[int, int, float]]:
+    """Start, end and padding tokens, chunk by chunk, as (source, target, share): the target's start
+    token takes the source's, and the k-th token from the target's end token the k-th from the
+    source's. Where one tail is longer, its extra tokens fold into the other's last token (a longer
+    source's pass their attention to it; a longer target's share the source's last), so every source
+    token's attention is passed on whole. A target chunk beyond the source's last takes its last.
     """
     pairs = []
     for chunk in range(t_segment.chunks):
         s_chunk = _chunk_roles(source, s_segment, min(chunk, s_segment.chunks - 1))
         t_chunk = _chunk_roles(target, t_segment, chunk)
-        for k, t in enumerate(t_chunk["start"]):
-            if s_chunk["start"]:
-                pairs.append((s_chunk["start"][min(k, len(s_chunk["start"]) - 1)], t))
-        for k, t in enumerate(t_chunk["tail"] if s_chunk["tail"] else []):
-            pairs.append((s_chunk["tail"][min(k, len(s_chunk["tail"]) - 1)], t))
+        for role in ("start", "tail"):
+            s_tokens, t_tokens = s_chunk[role], t_chunk[role]
+            if not s_tokens or not t_tokens:
+                continue
+            for k in range(max(len(s_tokens), len(t_tokens))):
+                s, t = s_tokens[min(k, len(s_tokens) - 1)], t_tokens[min(k, len(t_tokens) - 1)]
+                split = max(1, len(t_tokens) - len(s_tokens) + 1) if k >= len(s_tokens) - 1 else 1
+                pairs.append((s, t, 1.0 / split))
     return pairs
 
 

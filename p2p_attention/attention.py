@@ -19,9 +19,8 @@ MASS_CHANNELS = 8  # value channels added to measure the text's share: kernels w
 
 
 def heads_first(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[b, n, h*d] -> [b, h, n, d]`` (a view)."""
-    b, n, width = x.shape
-    return x.view(b, n, heads, width // heads).transpose(1, 2)
+    """``[b, n, h*d]`` (or ``[b, n, h, d]``, as SD3 passes its values) ``-> [b, h, n, d]``, a view."""
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +43,8 @@ def attend_with_text_mass(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice, key_mask: torch.Tensor | None, attend: Attend
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's attention and, from the same fused call, each query's total probability on the
-    ``text`` keys (``[b, h, queries]``), without forming the joint attention matrix.
+    ``text`` keys (``[b, h, queries]``: the text's share of a joint softmax), without forming the
+    joint attention matrix.
 
     The values get a channel that is 1 on the text keys and 0 elsewhere, so that channel of the
     output is the text's share of the softmax; queries and keys get zero channels to match (the

@@ -15,7 +15,7 @@ from typing import Callable, Protocol
 import torch
 
 from .alignment import TokenMap, refine_map, word_swap_map
-from .attention import Attend, attend_with_text_mass, heads_first, map_cross_probs, merge_heads, text_distribution
+from .attention import Attend, attend_with_text_mass, map_cross_probs, merge_heads, text_distribution
 from .blend import BlendPlan, blend, blend_masks
 from .columns import Columns, common_lengths, map_on_columns, padded, tiled
 from .edits import REFINE, LocalBlendEdit, P2PEdit
@@ -317,7 +317,7 @@ class P2PController:
                 block = slice(start, min(start + QUERY_BLOCK, call.queries.stop))
                 recorded = text_distribution(q[images, :, block], k[images, :, call.text], on.padding)
                 if editing:
-                    edited = self._edit_block(recorded, mass, out, v_text, call, source, targets, block, on, from_source, scale)
+                    edited = self._edit_block(recorded, mass, out, v_text, targets, block, on, from_source, scale)
                     if edited is not None:
                         recorded = torch.cat([recorded[:1], edited])
                 maps.append(recorded.mean(dim=1))
@@ -333,8 +333,6 @@ class P2PController:
         mass: torch.Tensor | None,
         out: torch.Tensor,
         v_text: torch.Tensor,
-        call: AttentionCall,
-        source: int,
         targets: slice,
         block: slice,
         on: _OnColumns,
@@ -343,29 +341,22 @@ class P2PController:
     ) -> torch.Tensor | None:
         """Add the edit of one block of queries to ``out``; the targets' maps as edited (None: unchanged).
 
-        ``dist`` ``[images, h, queries, K]`` is each query's distribution over the text keys. In joint
-        attention the text holds a share ``mass`` of the softmax: the targets' text probabilities are
-        replaced by the source's and their image probabilities rescaled so that each row still sums
-        to one (before reweighting), all from the fused output; in cross-attention the share is 1.
+        ``dist`` ``[images, h, queries, K]`` is each query's distribution over the text keys. The
+        targets take the source's (mapped, reweighted) distribution; in joint attention each target
+        query keeps its own share ``mass`` of the softmax for the text (so its image keys keep
+        theirs); in cross-attention the share is 1.
         """
-        share = 1.0 if mass is None else mass[source : targets.stop, :, block, None]
-        probs = dist * share
-        own = probs[1:]
-        mapped = map_cross_probs(probs[0], own, on.matrix, from_source)
+        own = dist[1:]
+        mapped = map_cross_probs(dist[0], own, on.matrix, from_source)
         reweighting = not bool((scale == 1).all())
         if mapped is own and not reweighting:
             return None
         edited = mapped * scale if reweighting else mapped
-        delta = (edited - own) @ v_text
-        kept = 1.0
+        change = edited - own
         if mass is not None:
-            kept = mapped.sum(dim=-1, keepdim=True)
-            rescale = ((1 - kept) / (1 - share[1:]).clamp_min(1e-6)).clamp_min(0)
-            image_part = heads_first(out, call.heads)[targets, :, block].float() - own @ v_text
-            delta = delta + (rescale - 1) * image_part
-            kept = kept.clamp_min(1e-12)
-        out[targets, block] += merge_heads(delta).to(out.dtype)
-        return edited / kept
+            change = change * mass[targets, :, block, None]
+        out[targets, block] += merge_heads(change @ v_text).to(out.dtype)
+        return edited
 
     def _source_layout(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall, rows: list[tuple[int, slice]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Inside the self-attention window, every target row with the source's image queries and keys."""

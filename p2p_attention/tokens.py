@@ -162,8 +162,10 @@ def build_prompt_tokens(
     In each chunk, tokens before the first word token are start tokens, the first non-word token
     after it ends the chunk and everything after is padding.
     """
-    flat = [token for segment in segments for chunk in segment for token in chunk]
-    owners = assign_words(words, [piece for _, piece, _ in flat], [special for _, _, special in flat])
+    owners = []
+    for segment in segments:  # each text encoder's tokens spell the whole prompt
+        flat = [token for chunk in segment for token in chunk]
+        owners += assign_words(words, [piece for _, piece, _ in flat], [special for _, _, special in flat])
     tokens: list[Token] = []
     layout: list[Segment] = []
     position = 0

@@ -83,8 +83,10 @@ def test_swap_with_unequal_token_counts_keeps_later_words_aligned(p2p, tokens):
     assert sources_of(m, 7) == {5: 1.0}  # mat -> mat
     assert sources_of(m, 8) == {6: 1.0}  # end -> end
     assert bool(m.from_source.all())
-    # the swapped word's attention mass is preserved: cat's map is split over three pieces
-    assert float(m.matrix[2].sum()) == pytest.approx(1.0)
+    # every source token's attention is passed on whole: cat's map is split over three pieces, and
+    # the source's two extra padding tokens fold into the target's last one
+    torch.testing.assert_close(m.matrix.sum(dim=1), torch.ones(77))
+    assert sources_of(m, 76) == {74: 1.0, 75: 1.0, 76: 1.0}
 
 
 def test_swap_from_several_tokens_to_one(p2p, tokens):
@@ -92,6 +94,9 @@ def test_swap_from_several_tokens_to_one(p2p, tokens):
     m = p2p.alignment.word_swap_map(source, target)
     assert sources_of(m, 2) == {2: 1.0, 3: 1.0, 4: 1.0}  # cat takes the sum of the three pieces
     assert sources_of(m, 3) == {5: 1.0}  # on -> on
+    # the target's two extra padding tokens share the source's last one
+    assert [sources_of(m, t) for t in (74, 75, 76)] == [{76: 0.3333}] * 3
+    torch.testing.assert_close(m.matrix.sum(dim=1), torch.ones(77))
 
 
 def test_swap_needs_the_same_number_of_words(p2p, tokens):
