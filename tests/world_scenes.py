@@ -34,10 +34,12 @@ BACKGROUND_COLOURS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]]
     "brown": ((115, 75, 40), (165, 130, 95)),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": 15, "large": 22}  # radius in pixels: the object fits a square of twice that
+SIZES = {"small": 17, "large": 25}  # radius in pixels: the object fits a square of twice that
 PATTERNS = ("plain", "striped", "dotted")  # "plain" is left out of captions
-STRIPE_PERIOD = 16  # pixels: 8 px stripes, one latent cell wide
-DOT_PERIOD, DOT_RADIUS = 16, 3
+# Patterns sit on the 8 px cells of the 16x16 latent, so that even a VAE that keeps only each cell's
+# mean colour keeps them: 8 px stripes, and dots inside every other cell in both directions.
+STRIPE_PERIOD = 16
+DOT_PERIOD, DOT_RADIUS = 16, 4
 
 # The 3x3 grid of places (row, column) and how captions say them.
 PLACES: dict[tuple[int, int], str] = {
@@ -53,9 +55,7 @@ OBJECT_COUNT_WEIGHTS = (0.5, 0.3, 0.2)  # one, two, three objects: single object
 # Scoring thresholds.
 MIN_OBJECT_AREA = 120  # pixels: smaller regions of an object colour are noise, not objects
 MAX_COLOUR_DISTANCE = 90.0  # RGB distance beyond which a pixel matches no palette colour
-# Fill of the bounding box: a square fills it (1.0), a circle pi/4 (0.785), a triangle half of it.
-SQUARE_MIN_FILL, CIRCLE_MIN_FILL = 0.89, 0.64
-STRIPED_MIN_SPREAD = 0.25  # std over columns of the share of pattern pixels: high for vertical stripes
+STRIPED_MIN_SPREAD = 0.35  # std over columns of the share of pattern pixels: 0.5 for stripes, 0.25 for dots
 PATTERN_MIN_SHARE = 0.06  # share of pattern pixels in the background below which it is plain
 
 
@@ -128,12 +128,12 @@ def caption(scene: Scene) -> str:
 
 # --- drawing ---------------------------------------------------------------------------------------
 
-def object_mask(obj: SceneObject, size: int = IMAGE_SIZE) -> np.ndarray:
-    """bool ``[size, size]``: the pixels the object covers."""
+def object_mask(obj: SceneObject, size: int = IMAGE_SIZE, radius: float | None = None) -> np.ndarray:
+    """bool ``[size, size]``: the pixels the object covers (``radius`` overrides its size's)."""
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     x, y = obj.centre
-    r = obj.radius
+    r = obj.radius if radius is None else radius
     if obj.shape == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=255)
     elif obj.shape == "square":
@@ -155,8 +155,8 @@ def background_image(colour: str, pattern: str, size: int = IMAGE_SIZE) -> np.nd
     elif pattern == "striped":
         marked = (xs // (STRIPE_PERIOD // 2)) % 2 == 1
     elif pattern == "dotted":
-        dx = xs % DOT_PERIOD - DOT_PERIOD / 2 + 0.5
-        dy = ys % DOT_PERIOD - DOT_PERIOD / 2 + 0.5
+        dx = xs % DOT_PERIOD - DOT_PERIOD / 4 + 0.5  # centred in the first 8 px cell of each period
+        dy = ys % DOT_PERIOD - DOT_PERIOD / 4 + 0.5
         marked = dx**2 + dy**2 <= DOT_RADIUS**2
     else:
         raise ValueError(f"unknown pattern {pattern!r}")
@@ -204,13 +204,17 @@ def place_of(centre: tuple[float, float]) -> tuple[int, int]:
 
 
 def classify_shape(mask: np.ndarray) -> str:
-    """circle, square or triangle, by how much of its bounding box the region fills."""
+    """The shape whose outline, drawn with the region's area and centred on its bounding box, covers
+    the region best (IoU): robust to ragged edges, where a threshold on one measure is not."""
     ys, xs = np.nonzero(mask)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = mask.sum() / box
-    if fill >= SQUARE_MIN_FILL:
-        return "square"
-    return "circle" if fill >= CIRCLE_MIN_FILL else "triangle"
+    centre = (int(round((xs.min() + xs.max()) / 2)), int(round((ys.min() + ys.max()) / 2)))
+    area = float(mask.sum())
+    radius = {"circle": (area / np.pi) ** 0.5, "square": area**0.5 / 2 / 0.88, "triangle": (area / 2) ** 0.5}
+
+    def outline(shape: str) -> np.ndarray:
+        return object_mask(SceneObject(shape, "red", "small", (0, 0), centre), mask.shape[0], radius[shape])
+
+    return max(SHAPES, key=lambda shape: iou(outline(shape), mask))
 
 
 def find_objects(image: np.ndarray, labels: np.ndarray | None = None) -> list[FoundObject]:
