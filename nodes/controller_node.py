@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..p2p_attention.controller import CONTROLLER, P2PController as Controller, build_plan
+from ..p2p_attention.controller import CONTROLLER, DEFAULT_SELF_REPLACE, SELF_REPLACE_DOWNSCALES, P2PController as Controller, build_plan
 from ..p2p_attention.edits import P2PEdit, parse_word_values
 from ..p2p_attention.errors import P2PError
 from .patch import install, percent_to_sigma
@@ -104,6 +104,15 @@ class P2PController:
                         "'lasagne: 0.2, pizza: 0.5' (the paper's dictionary form).",
                     },
                 ),
+                "self_replace_resolution": (
+                    list(SELF_REPLACE_DOWNSCALES),
+                    {
+                        "default": DEFAULT_SELF_REPLACE,
+                        "tooltip": "The layers whose self-attention the edits take from the source, by map size relative "
+                        "to the latent: '1/4 and coarser' is the official implementation's choice (16x16 maps and "
+                        "smaller at 512 px); '1/2 and coarser' also takes the 32x32 maps, holding the layout tighter.",
+                    },
+                ),
             },
         }
 
@@ -116,6 +125,7 @@ class P2PController:
         cross_replace_steps: float,
         self_replace_steps: float,
         cross_replace_words: str = "",
+        self_replace_resolution: str = DEFAULT_SELF_REPLACE,
     ) -> tuple:
         if clip is None:
             raise P2PError(CONTROLLER, "clip", "no CLIP is connected.", "connect the checkpoint loader's CLIP output.")
@@ -136,7 +146,10 @@ class P2PController:
                     "use the CLIP of an SD1.x, SD2.x or SDXL checkpoint.",
                 )
         tokenize = lambda text: encoded[text][0] if text in encoded else prompt_tokens(clip, text)  # noqa: E731
-        plan = build_plan(p2p_edit, tokenize, cross_replace_steps, self_replace_steps, words)
+        if self_replace_resolution not in SELF_REPLACE_DOWNSCALES:
+            raise P2PError(CONTROLLER, "self_replace_resolution", f"{self_replace_resolution!r} is not one of {list(SELF_REPLACE_DOWNSCALES)}.",
+                           "pick one of the listed choices.")
+        plan = build_plan(p2p_edit, tokenize, cross_replace_steps, self_replace_steps, words, SELF_REPLACE_DOWNSCALES[self_replace_resolution])
         controller = Controller(plan, percent_to_sigma(model), tokenize)
         positive = batched_conditioning([encoded[t][1] for t in prompts], [encoded[t][2] for t in prompts])
         return install(model, controller), positive, shared_noise_latent(latent, controller.images)
