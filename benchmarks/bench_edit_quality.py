@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_edit_quality.py              # every case, 50 seeds each
     .venv/bin/python benchmarks/bench_edit_quality.py --sweep      # the figures behind the defaults
+    .venv/bin/python benchmarks/bench_edit_quality.py --caption-following 200   # does the model follow its captions
 
 Every run goes through the pack's real nodes and the stock ones (CheckpointLoaderSimple, KSampler,
 KSamplerAdvanced, VAE Encode / Decode) on the real ComfyUI host; scenes, edits and scores are in
@@ -12,6 +13,8 @@ line gives the means over every scored case and seed.
 
 ``--sweep`` runs the settings the defaults were chosen from (cross / self replace windows, the
 self-attention resolutions, the local blend threshold), each on the cases it acts on.
+``--caption-following N`` scores N plain generations of random captions: how often the named
+colours, shapes, places, background colours and patterns are there.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import comfy_host  # noqa: E402
 import world_edits  # noqa: E402
+import world_scenes  # noqa: E402
 
 METRICS = ("structure_iou", "edit_success", "background_psnr", "reconstruction_psnr")
 
@@ -60,6 +64,26 @@ def run_one(job: tuple) -> world_edits.CaseResult:
     result = world_edits.run_case(_WORKER["host"], _WORKER["world"], case, seed, settings, baseline)
     result.images = {}  # only the scores travel back
     return result
+
+
+def follow_one(seed: int) -> tuple[int, dict[str, float]]:
+    """A random scene's caption generated plainly from ``seed``: (objects, caption following)."""
+    scene = world_scenes.sample_scene(np.random.default_rng([seed, 99]))
+    with torch.inference_mode():
+        picture = world_edits.generate(_WORKER["host"], _WORKER["world"], world_scenes.caption(scene), seed, world_edits.Settings())
+    return len(scene.objects), world_scenes.caption_following(picture, scene)
+
+
+def caption_following(pool: ProcessPoolExecutor, seeds: range) -> None:
+    """How often plain generations show what their captions name, by the number of objects."""
+    results = list(pool.map(follow_one, seeds))
+    keys = list(results[0][1])
+    print(f"caption following over {len(results)} random captions (plain generation, one seed each)")
+    print(f"{'objects':>8} {'n':>4}  " + "  ".join(f"{k:>10}" for k in keys))
+    for count in (1, 2, 3, None):
+        chosen = [r for n, r in results if count is None or n == count]
+        label = "all" if count is None else str(count)
+        print(f"{label:>8} {len(chosen):>4}  " + "  ".join(f"{np.mean([r[k] for r in chosen]):>10.2f}" for k in keys))
 
 
 def run(pool: ProcessPoolExecutor, case: str, seeds: range, settings: world_edits.Settings, baseline: bool = True) -> dict:
@@ -97,10 +121,10 @@ def overall(rows: dict[str, dict], arm: str, metric: str) -> float:
 def sweep(pool: ProcessPoolExecutor, seeds: range, base: world_edits.Settings) -> None:
     """The settings behind the defaults, each on the cases it acts on (P2P only)."""
     plans = [
-        ("cross_replace_steps", [0.2, 0.4, 0.6, 0.8, 1.0], ("colour swap", "shape swap")),
-        ("self_replace_steps", [0.0, 0.2, 0.4, 0.6, 0.8], ("colour swap", "shape swap")),
-        ("self_replace_resolution", ["1/4 and coarser", "1/2 and coarser"], ("colour swap", "shape swap", "background refine")),
-        ("threshold", [0.1, 0.2, 0.3, 0.4, 0.5], ("local blend",)),
+        ("cross_replace_steps", [0.4, 0.6, 0.8, 1.0], ("colour swap", "shape swap")),
+        ("self_replace_steps", [0.0, 0.2, 0.4, 0.6], ("colour swap", "shape swap")),
+        ("self_replace_resolution", ["1/4 and coarser", "1/2 and coarser"], ("colour swap", "shape swap")),
+        ("threshold", [0.2, 0.3, 0.4, 0.5], ("local blend",)),
     ]
     for name, values, cases in plans:
         print(f"\nsweep {name} on {', '.join(cases)} ({len(seeds)} seeds each; P2P)")
@@ -116,6 +140,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=50, help="seeds per case (the benchmark: at least 50)")
     parser.add_argument("--cases", default=",".join(world_edits.CASES), help="comma-separated cases")
     parser.add_argument("--sweep", action="store_true", help="run the default-selection sweeps instead")
+    parser.add_argument("--caption-following", type=int, metavar="N", help="score N plain generations of random captions instead")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, each with its own ComfyUI host")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker: the tiny model's ops are too small to share")
     args = parser.parse_args()
@@ -127,6 +152,9 @@ def main() -> None:
               f"cross {settings.cross_replace_steps}, self {settings.self_replace_steps} ({settings.self_replace_resolution}), "
               f"blend threshold {settings.threshold}, {args.seeds} seeds per case")
         started = time.perf_counter()
+        if args.caption_following:
+            caption_following(pool, range(args.caption_following))
+            return
         if args.sweep:
             sweep(pool, seeds, settings)
             print(f"\nsweeps took {time.perf_counter() - started:.0f} s")

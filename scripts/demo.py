@@ -45,13 +45,19 @@ def fail(message: str) -> None:
 
 
 def check_checkpoint(path: Path) -> None:
+    """A missing, unreadable or (for .safetensors) corrupt file ends the demo before ComfyUI starts."""
     if not path.is_file():
-        fail(f"--checkpoint {path}: no such file")
+        fail(f"--checkpoint {path}: {'not a file' if path.exists() else 'no such file'}")
     try:
         with path.open("rb") as handle:
             handle.read(1)
-    except OSError as error:
-        fail(f"--checkpoint {path}: cannot be read ({error.strerror or error})")
+        if path.suffix == ".safetensors":
+            import safetensors
+
+            with safetensors.safe_open(str(path), framework="pt"):
+                pass
+    except Exception as error:  # noqa: BLE001 - any failure to read it is the same message
+        fail(f"--checkpoint {path}: cannot be read as a checkpoint ({error})")
 
 
 def use_world_prompts(prompt: dict) -> None:
