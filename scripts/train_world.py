@@ -83,36 +83,46 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+LATENT_RANGE = 1.0  # the block-average start's latents: colour 0..1 -> -1..1 (TAESD's decoder squashes beyond about 3)
+
+
 def start_as_block_average(vae: torch.nn.Module) -> None:
-    """Start TAESD as an autoencoder that already works, roughly: the encoder averages each 8x8
-    block's colour into three latent channels (its stride-2 convs as 2x2 means), the decoder
-    repeats it (nearest upsampling). Training then only adds the detail inside the blocks, which
-    takes far fewer steps on a CPU than learning from scratch. The residual blocks start near the
-    identity (small weights, so their gradients are not zero)."""
+    """Start TAESD as an autoencoder that already works: the encoder averages each 8x8 block's colour
+    into three latent channels (its stride-2 convs as 2x2 means), the decoder repeats it (nearest
+    upsampling, its convs as identities), so pictures come back as 8 px mosaics. Each residual block
+    starts as the identity (its last conv zero, the others at their default initialisation, so that
+    training reaches them). Fine-tuning (``--vae-steps``) then adds the detail inside the blocks."""
     encoder, decoder = vae.taesd_encoder, vae.taesd_decoder
+    colours = torch.arange(3)
     with torch.no_grad():
         for module in vae.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                module.weight.mul_(0.1)
-                if module.bias is not None:
-                    module.bias.zero_()
-        colours = torch.arange(3)
-        for conv in (encoder[0], decoder[-1]):  # image -> first features, last features -> image
+            if isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+                module.bias.zero_()
+            if hasattr(module, "conv") and isinstance(module.conv, torch.nn.Sequential):  # a residual Block
+                module.conv[-1].weight.zero_()
+        for conv in (encoder[0], decoder[-1]):  # picture -> features, features -> picture
             conv.weight.zero_()
             conv.weight[colours, colours, 1, 1] = 1.0
         for conv in (m for m in encoder if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)):
             conv.weight.zero_()
-            conv.weight[colours, colours, 1:, 1:] = 0.25  # the 2x2 block under each output
+            conv.weight[colours, colours, 1:, 1:] = 0.25  # the mean of the 2x2 block under each output
         for conv in (m for m in decoder if isinstance(m, torch.nn.Conv2d) and m.in_channels == m.out_channels == 64):
             conv.weight.zero_()
             conv.weight[colours, colours, 1, 1] = 1.0
         latent_out, latent_in = encoder[-1], decoder[1]
         latent_out.weight.zero_()
-        latent_out.weight[colours, colours, 1, 1] = 4.0  # colour 0..1 -> latent -2..2
-        latent_out.bias[:3] = -2.0
+        latent_out.weight[colours, colours, 1, 1] = 2 * LATENT_RANGE
+        latent_out.bias[:3] = -LATENT_RANGE
         latent_in.weight.zero_()
-        latent_in.weight[colours, colours, 1, 1] = 0.25
+        latent_in.weight[colours, colours, 1, 1] = 0.5 / LATENT_RANGE
         latent_in.bias[:3] = 0.5
+
+
+def block_average_latents(images: np.ndarray) -> torch.Tensor:
+    """What the block-average start of TAESD's encoder computes, without running it."""
+    x = to_tensor(images)
+    means = torch.nn.functional.avg_pool2d(x, 8)
+    return torch.cat([(2 * means - 1) * LATENT_RANGE, torch.zeros_like(means[:, :1])], dim=1)
 
 
 def train_vae(parts, images: np.ndarray, state: State, args: argparse.Namespace) -> None:
@@ -155,11 +165,14 @@ def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State,
     saved = state.load("dataset")
     if saved is not None and saved["count"] == len(images):
         return saved
-    chunks = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(images), 32), desc="encode", dynamic_ncols=True):
-            chunks.append(parts.vae.taesd_encoder(to_tensor(images[start:start + 32])))
-    latents = torch.cat(chunks)
+        if args.vae_steps == 0:  # the untouched block-average start: its latents are block means
+            latents = block_average_latents(images)
+            exact = parts.vae.taesd_encoder(to_tensor(images[:16]))
+            torch.testing.assert_close(latents[:16], exact, atol=1e-4, rtol=1e-4)
+        else:
+            latents = torch.cat([parts.vae.taesd_encoder(to_tensor(images[i:i + 32]))
+                                 for i in tqdm(range(0, len(images), 32), desc="encode", dynamic_ncols=True)])
     std = float(latents.std())
     dataset = {
         "count": len(images),
@@ -176,7 +189,7 @@ def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State,
 def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     modules = parts.trainable()
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    params = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     step = 0
     saved = state.load("denoiser")
@@ -247,10 +260,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=world_model.WORLD_CHECKPOINT)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=3000, help="pictures in the dataset (each encoded once)")
-    parser.add_argument("--vae-steps", type=int, default=200)
+    parser.add_argument("--vae-steps", type=int, default=0, help="VAE fine-tuning steps (0: the block-average start)")
     parser.add_argument("--vae-batch", type=int, default=12)
     parser.add_argument("--vae-lr", type=float, default=2e-4)
-    parser.add_argument("--steps", type=int, default=2000, help="denoiser steps")
+    parser.add_argument("--steps", type=int, default=1500, help="denoiser steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--ema", type=float, default=0.999)

@@ -150,6 +150,7 @@ def _build_sd15() -> Parts:
     vae = comfy.taesd.taesd.TAESD()
     for module in (model.diffusion_model, clip.cond_stage_model, vae):
         _reset(module)
+    clip.cond_stage_model.requires_grad_(True)  # ComfyUI freezes its text encoders (SDClipModel.freeze); this one learns
     with torch.no_grad():
         vae.vae_scale.fill_(config.latent_format.scale_factor)
         clip.cond_stage_model.clip_l.logit_scale.fill_(4.6055)
