@@ -104,14 +104,16 @@ def fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def print_table(rows: dict[str, dict]) -> None:
+def print_header() -> None:
     print(f"{'case':<24} {'valid':>6}  {'structure_iou':>15}  {'edit_success':>15}  {'background_psnr':>17}  {'recon_psnr':>10}")
     print(f"{'':<24} {'':>6}  {'p2p':>7} {'plain':>7}  {'p2p':>7} {'plain':>7}  {'p2p':>8} {'plain':>8}  {'p2p':>10}")
-    for case, row in rows.items():
-        p, q = row["p2p"], row["plain"]
-        print(f"{case:<24} {row['valid']:>3}/{row['seeds']:<2}  {fmt(mean(p['structure_iou'])):>7} {fmt(mean(q['structure_iou'])):>7}  "
-              f"{fmt(mean(p['edit_success'])):>7} {fmt(mean(q['edit_success'])):>7}  "
-              f"{fmt(mean(p['background_psnr']), 1):>8} {fmt(mean(q['background_psnr']), 1):>8}  {fmt(mean(p['reconstruction_psnr']), 1):>10}")
+
+
+def print_row(case: str, row: dict) -> None:
+    p, q = row["p2p"], row["plain"]
+    print(f"{case:<24} {row['valid']:>3}/{row['seeds']:<2}  {fmt(mean(p['structure_iou'])):>7} {fmt(mean(q['structure_iou'])):>7}  "
+          f"{fmt(mean(p['edit_success'])):>7} {fmt(mean(q['edit_success'])):>7}  "
+          f"{fmt(mean(p['background_psnr']), 1):>8} {fmt(mean(q['background_psnr']), 1):>8}  {fmt(mean(p['reconstruction_psnr']), 1):>10}", flush=True)
 
 
 def overall(rows: dict[str, dict], arm: str, metric: str) -> float:
@@ -159,8 +161,11 @@ def main() -> None:
             sweep(pool, seeds, settings)
             print(f"\nsweeps took {time.perf_counter() - started:.0f} s")
             return
-        rows = {case: run(pool, case, seeds, settings) for case in args.cases.split(",")}
-    print_table(rows)
+        print_header()
+        rows = {}
+        for case in args.cases.split(","):  # each row as soon as its case is done
+            rows[case] = run(pool, case, seeds, settings)
+            print_row(case, rows[case])
     print(f"({time.perf_counter() - started:.0f} s, {args.jobs} worker processes; 'valid': seeds whose source shows its objects, the ones scored)")
     print(f"edit quality: structure_iou p2p={overall(rows, 'p2p', 'structure_iou'):.2f} plain={overall(rows, 'plain', 'structure_iou'):.2f}; "
           f"edit_success p2p={overall(rows, 'p2p', 'edit_success'):.2f} plain={overall(rows, 'plain', 'edit_success'):.2f}; "

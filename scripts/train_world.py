@@ -210,10 +210,12 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
             batch_tokens[dropped] = empty
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, args.steps, args.lr, 200)
-            cond = parts.text_encoder()(batch_tokens.tolist())[0]
-            loss = family.loss(parts, latents[picks].float(), cond, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # ComfyUI's CLIP text model adds its residuals in place: let autograd keep what it saved.
+            with torch.autograd.graph.allow_mutation_on_saved_tensors():
+                cond = parts.text_encoder()(batch_tokens.tolist())[0]
+                loss = family.loss(parts, latents[picks].float(), cond, generator)
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             step += 1
