@@ -24,10 +24,11 @@ CONTROLLER = "P2P Controller"
 # The layers whose self-attention the targets take from the source, by the finest map size relative
 # to the latent: the official implementation (both its notebooks) replaces maps of at most 16x16 for
 # a 64x64 latent, i.e. 1/4 of the latent and coarser; 1/2 and coarser also replaces the 32x32 maps.
-# The finer layers keep the target's own detail. The default is the one benchmarks/
-# bench_edit_quality.py measured better on the tiny world model (README, "Edit quality").
+# The finer layers keep the target's own detail. The default stays this pack's earlier behaviour
+# (1/2 and coarser) until benchmarks/bench_edit_quality.py can tell the two apart on a world model
+# that follows its captions (README, "Edit quality").
 SELF_REPLACE_DOWNSCALES = {"1/4 and coarser": 4, "1/2 and coarser": 2}
-DEFAULT_SELF_REPLACE = "1/4 and coarser"
+DEFAULT_SELF_REPLACE = "1/2 and coarser"
 QUERY_BLOCK = 1024  # queries per block of explicit cross-attention probabilities
 
 Tokenize = Callable[[str], PromptTokens]

@@ -35,7 +35,7 @@ class Settings:
     scheduler: str = "ddim_uniform"
     cross_replace_steps: float = 0.8
     self_replace_steps: float = 0.4
-    self_replace_resolution: str = "1/4 and coarser"
+    self_replace_resolution: str = "1/2 and coarser"  # the controller's default
     threshold: float = 0.3
     start_blend: float = 0.2
     reweight_scale: float = -1.0
