@@ -114,6 +114,7 @@ def main() -> None:
         fail(f"--workflow {args.workflow}: not a file in workflows/ ({', '.join(sorted(p.name for p in WORKFLOWS.glob('*.json')))})")
 
     with tempfile.TemporaryDirectory(prefix="p2p-demo-") as work:
+        tempfile.tempdir = work  # what ComfyUI and the model registration write to temp goes with it
         host = comfy_host.boot(Path(work))
         checkpoints = Path(work) / "models" / "checkpoints"
         prompt = workflow_api.to_api(json.loads((WORKFLOWS / args.workflow).read_text()), host.nodes.NODE_CLASS_MAPPINGS)
