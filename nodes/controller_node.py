@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..p2p_attention.columns import Columns
-from ..p2p_attention.controller import CONTROLLER, P2PController as Controller, build_plan
+from ..p2p_attention.controller import CONTROLLER, DEFAULT_SELF_REPLACE, SELF_REPLACE_DOWNSCALES, P2PController as Controller, build_plan
 from ..p2p_attention.edits import P2PEdit, parse_word_values
 from ..p2p_attention.errors import P2PError
 from .patch import install, layout_of, model_family, percent_to_sigma
@@ -113,6 +113,15 @@ class P2PController:
                         "'lasagne: 0.2, pizza: 0.5' (the paper's dictionary form).",
                     },
                 ),
+                "self_replace_resolution": (
+                    list(SELF_REPLACE_DOWNSCALES),
+                    {
+                        "default": DEFAULT_SELF_REPLACE,
+                        "tooltip": "The layers whose self-attention the edits take from the source, by map size relative "
+                        "to the latent: '1/4 and coarser' is the official implementation's choice (16x16 maps and "
+                        "smaller at 512 px); '1/2 and coarser' also takes the 32x32 maps, holding the layout tighter.",
+                    },
+                ),
             },
         }
 
@@ -125,6 +134,7 @@ class P2PController:
         cross_replace_steps: float,
         self_replace_steps: float,
         cross_replace_words: str = "",
+        self_replace_resolution: str = DEFAULT_SELF_REPLACE,
     ) -> tuple:
         if clip is None:
             raise P2PError(CONTROLLER, "clip", "no CLIP is connected.", "connect the checkpoint loader's CLIP output.")
@@ -134,10 +144,14 @@ class P2PController:
         for word, fraction in words:
             if not 0.0 <= fraction <= 1.0:
                 raise P2PError(CONTROLLER, "cross_replace_words", f"{word!r}: {fraction} is outside 0..1.", "use fractions of the schedule between 0 and 1.")
+        if self_replace_resolution not in SELF_REPLACE_DOWNSCALES:
+            raise P2PError(CONTROLLER, "self_replace_resolution", f"{self_replace_resolution!r} is not one of {list(SELF_REPLACE_DOWNSCALES)}.",
+                           "pick one of the listed choices.")
         layout = layout_of(model_family(model))
         prompts = [p2p_edit.source] + [t.prompt for t in p2p_edit.targets]
         encoded = {text: encode_prompt(clip, text) for text in prompts}
-        plan = build_plan(p2p_edit, lambda text: encoded[text][0], cross_replace_steps, self_replace_steps, words)
+        plan = build_plan(p2p_edit, lambda text: encoded[text][0], cross_replace_steps, self_replace_steps, words,
+                          SELF_REPLACE_DOWNSCALES[self_replace_resolution])
         controller = Controller(plan, percent_to_sigma(model), layout)
         width = controller.columns_width or math.lcm(*(len(encoded[t][0]) for t in prompts))
         columns = controller.prompt_columns(width)

@@ -1,9 +1,14 @@
-"""Make the README's attention-map and blend-mask pictures with the tests' tiny model.
+"""Make the README's pictures with the tiny world model (tests/data/world_sd15.safetensors).
 
-Run: `.venv/bin/python scripts/make_doc_images.py` (about a minute on a CPU). The tiny model has
-random weights, so on its own its maps are noise; here its attention is steered (as in the tests) so
-that "cat" and "dog" take the top-left quarter of every map, which shows what the nodes draw. The
-pictures are labelled as such; real checkpoints give real maps.
+Run: `.venv/bin/python scripts/make_doc_images.py` (a minute or two on a CPU). Every picture comes
+from the pack's real nodes on the real ComfyUI host, with the benchmark's settings
+(tests/world_edits.py); each is labelled as the tiny world model's:
+
+- docs/world_edits.png: per edit, the source, the P2P edit and the target prompt generated plainly
+  from the same seed (swap, shape swap, refine, reweight, local blend, a rendered picture inverted
+  with null-text and edited);
+- docs/world_attention_maps.png: P2P Attention Maps of a colour swap (words of both prompts);
+- docs/world_blend_mask.png: P2P Local Blend Mask of a local-blend colour swap, beside its images.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -18,43 +24,100 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import comfy_host  # noqa: E402
-import p2p_helpers  # noqa: E402
-import tiny_models  # noqa: E402
+import world_edits  # noqa: E402
+import world_scenes  # noqa: E402
 
-SOURCE, TARGET = "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle"
-NOTE = "tiny random-weight test model, attention steered to the top-left quarter: illustrates the node output only"
+DOCS = REPO / "docs"
+NOTE = "tiny world model (128 px, trained on coloured shapes by scripts/train_world.py)"
+ZOOM = 2  # 128 px pictures shown at 256 px
+ROWS = ("colour swap", "shape swap", "background refine", "reweight", "local blend", "real image: null-text")
 
 
-def save(image: torch.Tensor, path: Path) -> None:
-    pixels = (image.clamp(0, 1) * 255).round().byte().numpy()
-    picture = Image.fromarray(pixels)
-    labelled = Image.new("RGB", (picture.width, picture.height + 20), "white")
-    labelled.paste(picture, (0, 20))
-    ImageDraw.Draw(labelled).text((4, 4), NOTE, fill="black")
-    labelled.save(path)
-    print("wrote", path)
+def labelled(picture: Image.Image, title: str) -> Image.Image:
+    out = Image.new("RGB", (picture.width, picture.height + 36), "white")
+    out.paste(picture, (0, 36))
+    draw = ImageDraw.Draw(out)
+    draw.text((6, 4), title, fill="black")
+    draw.text((6, 20), NOTE, fill=(90, 90, 90))
+    return out
+
+
+def tile(picture: np.ndarray, caption: str, width: int) -> Image.Image:
+    image = Image.fromarray(picture).resize((picture.shape[1] * ZOOM, picture.shape[0] * ZOOM), Image.NEAREST)
+    out = Image.new("RGB", (max(width, image.width), image.height + 48), "white")
+    out.paste(image, (0, 0))
+    words, line, lines = caption.split(), "", []
+    for word in words:  # wrap the prompt under the picture
+        if len(line) + len(word) > 42:
+            lines.append(line)
+            line = ""
+        line = f"{line} {word}".strip()
+    ImageDraw.Draw(out).multiline_text((2, image.height + 2), "\n".join(lines + [line]), fill="black", spacing=1)
+    return out
+
+
+def first_valid(host, world, case: str, settings: world_edits.Settings) -> world_edits.CaseResult:
+    """The first seed whose source shows its objects (the benchmark scores those)."""
+    for seed in range(20):
+        result = world_edits.run_case(host, world, case, seed, settings)
+        if result.valid:
+            return result
+    raise RuntimeError(f"no valid source for {case} in 20 seeds")
+
+
+def edits_sheet(results: dict[str, world_edits.CaseResult]) -> Image.Image:
+    rows = []
+    for case, result in results.items():
+        source, target = world_scenes.caption(result.edit.source), world_scenes.caption(result.edit.target)
+        first = "real picture (rendered)" if case.startswith("real image") else f"source: {source}"
+        tiles = [tile(world_scenes.render(result.edit.source)[0] if case.startswith("real image") else result.images["source"], first, 270),
+                 tile(result.images["p2p"], f"P2P {case}: {target}", 270),
+                 tile(result.images["plain"], f"plain, same seed: {target}", 270)]
+        row = Image.new("RGB", (sum(t.width for t in tiles) + 10 * len(tiles), max(t.height for t in tiles)), "white")
+        x = 0
+        for t in tiles:
+            row.paste(t, (x, 0))
+            x += t.width + 10
+        rows.append(row)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 8 for r in rows)), "white")
+    y = 0
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height + 8
+    return labelled(sheet, "source | Prompt-to-Prompt edit | plain generation of the target prompt, same seed")
 
 
 def main() -> None:
-    host = comfy_host.boot(Path(tempfile.mkdtemp(prefix="p2p-docs-")))
-    tiny_models.register_tiny_architectures()
-    checkpoint = tiny_models.write_tiny_checkpoint("sd15", host.work_dir / "models" / "checkpoints" / "tiny.safetensors")
-    nodes = host.pack.NODE_CLASS_MAPPINGS
-    with torch.inference_mode():
-        model, clip, _, _ = host.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False)
-    model = p2p_helpers.steer_attention(host, model, column=5)  # "cat" / "dog": a photo of a cat
-    edits = host.pack.p2p_attention.edits
-    edit = edits.add_target(None, SOURCE, TARGET, edits.WORD_SWAP, "P2P Word Swap")
-    edit = edits.local_blend(edit, "cat", "dog", "", 0.3, 0.2, None, edits.UNION, "P2P Local Blend")
-    patched, positive, latent = p2p_helpers.p2p(host, model, clip, edit, size=512)
-    samples = p2p_helpers.sample(host, patched, clip, positive, latent, steps=10)
-    with torch.inference_mode():
-        maps = nodes["P2PAttentionMaps"]().render(patched, {"samples": samples}, "cat, dog, riding, bicycle", "1/4")[0]
-        _, mask_image = nodes["P2PBlendMask"]().mask(patched, {"samples": samples})
-    docs = REPO / "docs"
-    docs.mkdir(exist_ok=True)
-    save(torch.cat(list(maps), dim=0), docs / "attention_maps_tiny.png")
-    save(mask_image[0], docs / "blend_mask_tiny.png")
+    settings = world_edits.Settings()
+    DOCS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="p2p-docs-") as work:
+        host = comfy_host.boot(Path(work))
+        world = world_edits.load_world(host)
+        nodes = host.pack.NODE_CLASS_MAPPINGS
+        edits_sheet({case: first_valid(host, world, case, settings) for case in ROWS}).save(DOCS / "world_edits.png")
+        print("wrote", DOCS / "world_edits.png")
+
+        with torch.inference_mode():
+            swap = world_edits.make_edit("colour swap", 0)
+            (images, patched, samples) = world_edits.p2p_generate(host, world, world_edits.edit_nodes(host, swap, settings), 0, settings)
+            decoded = torch.from_numpy(np.stack(images)).float() / 255.0
+            words = f"{swap.source.objects[0].colour}, {swap.target.objects[0].colour}, {swap.source.objects[0].shape}, {swap.source.background}"
+            maps = nodes["P2PAttentionMaps"]().render(patched, {"samples": samples["samples"]}, words, "1/2", decoded)[0]
+        labelled(Image.fromarray((torch.cat(list(maps), dim=0).clamp(0, 1) * 255).byte().numpy()),
+                 f"P2P Attention Maps (1/2 resolution: 8x8), words: {words}").save(DOCS / "world_attention_maps.png")
+        print("wrote", DOCS / "world_attention_maps.png")
+
+        with torch.inference_mode():
+            blend = world_edits.make_edit("local blend", 1)
+            (images, patched, samples) = world_edits.p2p_generate(host, world, world_edits.edit_nodes(host, blend, settings), 1, settings)
+            mask = nodes["P2PBlendMask"]().mask(patched, {"samples": samples["samples"]})[1][0]
+        mask_picture = (mask.clamp(0, 1) * 255).byte().numpy()
+        tiles = [tile(images[0], "source", 260), tile(images[1], "local blend edit", 260), tile(mask_picture, "blend mask (white: may change)", 260)]
+        sheet = Image.new("RGB", (sum(t.width + 10 for t in tiles), tiles[0].height), "white")
+        for i, t in enumerate(tiles):
+            sheet.paste(t, (i * (t.width + 10), 0))
+        labelled(sheet, f"P2P Local Blend Mask: {world_scenes.caption(blend.source)} -> {blend.target.objects[0].colour}").save(DOCS / "world_blend_mask.png")
+        print("wrote", DOCS / "world_blend_mask.png")
 
 
 if __name__ == "__main__":

@@ -194,3 +194,23 @@ def test_model_without_cross_attention_is_rejected(host, load_tiny):
     model = comfy.model_patcher.ModelPatcher(unet, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
     with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=r"\[P2P Controller › model\] this model has no cross-attention"):
         p2p(host, model, load_tiny("sd15")[1], swap(host, PROMPT, TARGET))
+
+
+@pytest.mark.parametrize("resolution, replaced", [("1/4 and coarser", {4, 8}), ("1/2 and coarser", {2, 4, 8})])
+def test_self_attention_is_replaced_at_the_chosen_resolutions(host, load_tiny, resolution, replaced):
+    """Inside the window a target attends with the source's queries and keys exactly at the layers
+    whose maps are the chosen size relative to the latent, or coarser."""
+    model, clip, _ = load_tiny("sd15")
+    latent = host.nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+    with torch.inference_mode():
+        patched = host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(
+            model, clip, swap(host, "a cat", "a dog"), latent, 0.8, 0.4, "", resolution)[0]
+    controller = controller_of(host, patched)
+    q, k, v = torch.randn(3, 2, 1, 16, 8).unbind(0)  # [images, heads, tokens, dim]
+    for downscale in (1, 2, 4, 8):
+        call = host.pack.p2p_attention.controller.AttentionCall(
+            heads=1, sigma=1e6, chunks=(True,), downscale=downscale, map_size=(4, 4), queries=slice(0, 16), text=None, image_keys=slice(0, 16))
+        seen = []
+        controller.attention(q, k, v, call, lambda q_, k_, v_, mask: seen.append((q_, k_)) or v_)
+        took_source = torch.equal(seen[0][0][1], q[0]) and torch.equal(seen[0][1][1], k[0])
+        assert took_source == (downscale in replaced), downscale

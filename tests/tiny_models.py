@@ -138,34 +138,39 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
 
 
-def _text_config(name: str) -> dict[str, Any]:
-    spec = TEXT_ENCODERS[name]
+def text_config(hidden_size: int, hidden_act: str, layers: int = TEXT_LAYERS, heads: int = TEXT_HEADS) -> dict[str, Any]:
+    """A CLIP text model config (the transformers ``CLIPTextConfig`` fields ComfyUI reads), small."""
     return {
         "architectures": ["CLIPTextModel"],
         "attention_dropout": 0.0,
         "bos_token_id": 0,
         "dropout": 0.0,
         "eos_token_id": END,
-        "hidden_act": spec["hidden_act"],
-        "hidden_size": spec["hidden_size"],
+        "hidden_act": hidden_act,
+        "hidden_size": hidden_size,
         "initializer_factor": 1.0,
         "initializer_range": 0.02,
-        "intermediate_size": 2 * spec["hidden_size"],
+        "intermediate_size": 2 * hidden_size,
         "layer_norm_eps": 1e-05,
         "max_position_embeddings": 77,
         "model_type": "clip_text_model",
-        "num_attention_heads": TEXT_HEADS,
-        "num_hidden_layers": TEXT_LAYERS,
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
         "pad_token_id": 1,
-        "projection_dim": spec["hidden_size"],
+        "projection_dim": hidden_size,
         "torch_dtype": "float32",
         "vocab_size": VOCAB_SIZE,
     }
 
 
-def _text_config_path(name: str) -> str:
+def _text_config(name: str) -> dict[str, Any]:
+    spec = TEXT_ENCODERS[name]
+    return text_config(spec["hidden_size"], spec["hidden_act"])
+
+
+def text_config_path(name: str, config: dict[str, Any]) -> str:
     """ComfyUI 2024 reads a text model's config from a JSON file only: write it once, by content."""
-    text = json.dumps(_text_config(name), indent=1, sort_keys=True)
+    text = json.dumps(config, indent=1, sort_keys=True)
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     folder = Path(tempfile.gettempdir()) / "comfy-tiny-models"
     path = folder / f"{name}-{digest}.json"
@@ -181,6 +186,57 @@ def _accepts(func: Any, name: str) -> bool:
     return name in inspect.signature(func).parameters
 
 
+def text_encoder_class(name: str, clip_name: str, config: dict[str, Any], *, layer: str = "last", layer_idx: int | None = None,
+                       pad: int = END, final_norm: bool = True, projected_pooled: bool = True) -> type:
+    """An ``SDClipModel`` (ComfyUI's CLIP text model wrapper) with the small text model ``config``."""
+    import comfy.sd1_clip as sd1_clip
+
+    has_model_options = _accepts(sd1_clip.SDClipModel.__init__, "model_options")  # current, not 2024
+
+    class TinyTextEncoder(sd1_clip.SDClipModel):
+        def __init__(self, device: Any = "cpu", dtype: Any = None, model_options: dict | None = None, **kwargs: Any) -> None:
+            extra = {}
+            if has_model_options:
+                extra["model_options"] = {**(model_options or {}), "model_name": clip_name}
+            super().__init__(
+                device=device, dtype=dtype, layer=layer, layer_idx=layer_idx,
+                textmodel_json_config=text_config_path(name, config),
+                special_tokens={"start": START, "end": END, "pad": pad},
+                layer_norm_hidden_state=final_norm, return_projected_pooled=projected_pooled, **extra,
+            )
+
+    TinyTextEncoder.__name__ = TinyTextEncoder.__qualname__ = f"Tiny_{name}"
+    return TinyTextEncoder
+
+
+def single_clip_class(clip_name: str, text_encoder: type) -> type:
+    """``SD1ClipModel`` (one text encoder named ``clip_<clip_name>``) around ``text_encoder``."""
+    import comfy.sd1_clip as sd1_clip
+
+    class TinyClip(sd1_clip.SD1ClipModel):
+        def __init__(self, device: Any = "cpu", dtype: Any = None, **kwargs: Any) -> None:
+            super().__init__(device=device, dtype=dtype, clip_name=clip_name, clip_model=text_encoder, **kwargs)
+
+    TinyClip.__name__ = TinyClip.__qualname__ = f"TinyClip_{clip_name}"
+    return TinyClip
+
+
+def single_tokenizer_class(clip_name: str, width: int, pad_with_end: bool) -> type:
+    """``SD1Tokenizer`` whose ``SDTokenizer`` takes textual-inversion embeddings ``width`` wide."""
+    import comfy.sd1_clip as sd1_clip
+
+    class TinyTokenizer(sd1_clip.SD1Tokenizer):
+        def __init__(self, embedding_directory: Any = None, **kwargs: Any) -> None:
+            def tokenizer(**kw: Any) -> Any:
+                return sd1_clip.SDTokenizer(pad_with_end=pad_with_end, embedding_size=width,
+                                            embedding_key=f"clip_{clip_name}", **kw)
+
+            super().__init__(embedding_directory=embedding_directory, clip_name=clip_name, tokenizer=tokenizer, **kwargs)
+
+    TinyTokenizer.__name__ = TinyTokenizer.__qualname__ = f"TinyTokenizer_{clip_name}"
+    return TinyTokenizer
+
+
 def _classes() -> dict[str, type]:
     """The tiny model configs, built on ComfyUI's classes (imported only once the host is booted)."""
     import comfy.model_base
@@ -190,59 +246,15 @@ def _classes() -> dict[str, type]:
     import comfy.supported_models_base as base
 
     has_model_options = _accepts(sd1_clip.SDClipModel.__init__, "model_options")  # current, not 2024
-
-    def encoder(name: str, clip_name: str, *, layer: str = "last", layer_idx: int | None = None, pad: int = END,
-                final_norm: bool = True, projected_pooled: bool = True) -> type:
-        """An ``SDClipModel`` (ComfyUI's CLIP text model wrapper) with a tiny text model config."""
-
-        class TinyTextEncoder(sd1_clip.SDClipModel):
-            def __init__(self, device: Any = "cpu", dtype: Any = None, model_options: dict | None = None, **kwargs: Any) -> None:
-                extra = {}
-                if has_model_options:
-                    extra["model_options"] = {**(model_options or {}), "model_name": clip_name}
-                super().__init__(
-                    device=device, dtype=dtype, layer=layer, layer_idx=layer_idx,
-                    textmodel_json_config=_text_config_path(name),
-                    special_tokens={"start": START, "end": END, "pad": pad},
-                    layer_norm_hidden_state=final_norm, return_projected_pooled=projected_pooled, **extra,
-                )
-
-        TinyTextEncoder.__name__ = TinyTextEncoder.__qualname__ = f"Tiny_{name}"
-        return TinyTextEncoder
-
-    def single_clip(clip_name: str, text_encoder: type) -> type:
-        """``SD1ClipModel`` (one text encoder named ``clip_<clip_name>``) around ``text_encoder``."""
-
-        class TinyClip(sd1_clip.SD1ClipModel):
-            def __init__(self, device: Any = "cpu", dtype: Any = None, **kwargs: Any) -> None:
-                super().__init__(device=device, dtype=dtype, clip_name=clip_name, clip_model=text_encoder, **kwargs)
-
-        TinyClip.__name__ = TinyClip.__qualname__ = f"TinyClip_{clip_name}"
-        return TinyClip
-
-    def single_tokenizer(clip_name: str, width: int, pad_with_end: bool) -> type:
-        """``SD1Tokenizer`` whose ``SDTokenizer`` takes textual-inversion embeddings ``width`` wide."""
-
-        class TinyTokenizer(sd1_clip.SD1Tokenizer):
-            def __init__(self, embedding_directory: Any = None, **kwargs: Any) -> None:
-                def tokenizer(**kw: Any) -> Any:
-                    return sd1_clip.SDTokenizer(pad_with_end=pad_with_end, embedding_size=width,
-                                                embedding_key=f"clip_{clip_name}", **kw)
-
-                super().__init__(embedding_directory=embedding_directory, clip_name=clip_name, tokenizer=tokenizer, **kwargs)
-
-        TinyTokenizer.__name__ = TinyTokenizer.__qualname__ = f"TinyTokenizer_{clip_name}"
-        return TinyTokenizer
-
     # SD1.x: CLIP-L's last layer after the final layer norm. The checkpoint format drops clip_l's
     # text projection (as ComfyUI's SD15 saving does), so the pooled output is the unprojected one.
-    sd15_encoder = encoder("sd15_l", "clip_l", projected_pooled=False)
+    sd15_encoder = text_encoder_class("sd15_l", "clip_l", _text_config("sd15_l"), projected_pooled=False)
     # SD2.x: OpenCLIP-H's penultimate layer (with the final layer norm), padded with 0.
-    sd2_encoder = encoder("sd2_h", "clip_h", layer="hidden", layer_idx=-2, pad=0)
+    sd2_encoder = text_encoder_class("sd2_h", "clip_h", _text_config("sd2_h"), layer="hidden", layer_idx=-2, pad=0)
     # SDXL: CLIP-L's penultimate layer without the final norm; CLIP-G's likewise, plus its projected
     # pooled output (clip_l's pooled output is discarded by SDXLClipModel and not saved).
-    sdxl_l = encoder("sdxl_l", "clip_l", layer="hidden", layer_idx=-2, final_norm=False, projected_pooled=False)
-    sdxl_g = encoder("sdxl_g", "clip_g", layer="hidden", layer_idx=-2, pad=0, final_norm=False)
+    sdxl_l = text_encoder_class("sdxl_l", "clip_l", _text_config("sdxl_l"), layer="hidden", layer_idx=-2, final_norm=False, projected_pooled=False)
+    sdxl_g = text_encoder_class("sdxl_g", "clip_g", _text_config("sdxl_g"), layer="hidden", layer_idx=-2, pad=0, final_norm=False)
 
     class TinySDXLClipModel(sdxl_clip.SDXLClipModel):
         """ComfyUI's SDXL two-encoder model (concatenated hidden states, clip_g pooled) at tiny widths."""
@@ -275,7 +287,7 @@ def _classes() -> dict[str, type]:
         unet_extra_config = {**supported.SD15.unet_extra_config, "num_heads": 2, "num_head_channels": -1}
 
         def clip_target(self, state_dict: Any = None) -> Any:
-            return base.ClipTarget(single_tokenizer("l", TEXT_ENCODERS["sd15_l"]["hidden_size"], True), single_clip("l", sd15_encoder))
+            return base.ClipTarget(single_tokenizer_class("l", TEXT_ENCODERS["sd15_l"]["hidden_size"], True), single_clip_class("l", sd15_encoder))
 
     class TinySD2V(supported.SD20):
         unet_config = matching("sd2v")
@@ -286,7 +298,7 @@ def _classes() -> dict[str, type]:
             return comfy.model_base.ModelType.V_PREDICTION
 
         def clip_target(self, state_dict: Any = None) -> Any:
-            return base.ClipTarget(single_tokenizer("h", TEXT_ENCODERS["sd2_h"]["hidden_size"], False), single_clip("h", sd2_encoder))
+            return base.ClipTarget(single_tokenizer_class("h", TEXT_ENCODERS["sd2_h"]["hidden_size"], False), single_clip_class("h", sd2_encoder))
 
     class TinySDXL(supported.SDXL):
         unet_config = matching("sdxl")

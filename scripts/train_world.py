@@ -1,0 +1,293 @@
+"""Train the tiny world model (tests/world_model.py) on the synthetic world (tests/world_scenes.py).
+
+    nice -n 10 .venv/bin/python scripts/train_world.py            # ~1 hour on 2 CPU cores
+    .venv/bin/python scripts/train_world.py --out /tmp/w.safetensors --images 64 --vae-steps 5 --steps 5   # a smoke run
+
+Three phases, each resumable from the state folder (``--state``, outside git): the VAE (TAESD,
+encoder and decoder, on crops of world pictures), the dataset (scenes rendered, captions tokenized
+with ComfyUI's CLIP tokenizer, pictures encoded once by the trained encoder), and the denoiser with
+its text encoder, trained jointly (the family's loss: SD1.x eps prediction for ``sd15``; 10% of the
+captions dropped for classifier-free guidance; an EMA of the weights is what gets saved). Stopping
+(Ctrl-C) saves the state; running the same command again goes on from there. Everything is drawn
+from ``--seed``. The result is one checkpoint that the stock CheckpointLoaderSimple loads once the
+world architecture is registered.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import comfy_host  # noqa: E402
+import world_model  # noqa: E402
+import world_scenes  # noqa: E402
+
+CAPTION_DROPOUT = 0.1  # the share of empty captions, for classifier-free guidance
+VAE_CROP = 48  # pixels: the VAE is convolutional, so it trains on crops (a 6x6 latent) for speed
+LATENT_PENALTY = 1e-3  # keeps the VAE's latents small (its decoder squashes them beyond about +-3)
+SAVE_EVERY_S = 60.0
+
+
+def render_dataset(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(seed)
+    scenes = [world_scenes.sample_scene(rng) for _ in range(count)]
+    images = np.stack([world_scenes.render(s)[0] for s in scenes])
+    return images, [world_scenes.caption(s) for s in scenes]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in 0..1 (TAESD's encoder input, its decoder's output)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+
+
+def token_ids(clip, text: str) -> list[int]:
+    """The 77 token ids ComfyUI's CLIPTextEncode gives the text encoder for a short prompt."""
+    chunks = clip.tokenize(text)["l"]
+    if len(chunks) != 1:
+        raise ValueError(f"caption longer than one 77-token chunk: {text!r}")
+    return [int(token) for token, _ in chunks[0]]
+
+
+class State:
+    """One file per phase in the state folder, written atomically."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def load(self, name: str) -> dict | None:
+        path = self.folder / f"{name}.pt"
+        return torch.load(path, weights_only=False) if path.is_file() else None
+
+    def save(self, name: str, value: dict) -> None:
+        partial = self.folder / f".{name}.pt.partial"
+        torch.save(value, partial)
+        partial.replace(self.folder / f"{name}.pt")
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+LATENT_RANGE = 1.0  # the block-average start's latents: colour 0..1 -> -1..1 (TAESD's decoder squashes beyond about 3)
+
+
+def start_as_block_average(vae: torch.nn.Module) -> None:
+    """Start TAESD as an autoencoder that already works: the encoder averages each 8x8 block's colour
+    into three latent channels (its stride-2 convs as 2x2 means), the decoder repeats it (nearest
+    upsampling, its convs as identities), so pictures come back as 8 px mosaics. Each residual block
+    starts as the identity (its last conv zero, the others at their default initialisation, so that
+    training reaches them). Fine-tuning (``--vae-steps``) then adds the detail inside the blocks."""
+    encoder, decoder = vae.taesd_encoder, vae.taesd_decoder
+    colours = torch.arange(3)
+    with torch.no_grad():
+        for module in vae.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.bias is not None:
+                module.bias.zero_()
+            if hasattr(module, "conv") and isinstance(module.conv, torch.nn.Sequential):  # a residual Block
+                module.conv[-1].weight.zero_()
+        for conv in (encoder[0], decoder[-1]):  # picture -> features, features -> picture
+            conv.weight.zero_()
+            conv.weight[colours, colours, 1, 1] = 1.0
+        for conv in (m for m in encoder if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)):
+            conv.weight.zero_()
+            conv.weight[colours, colours, 1:, 1:] = 0.25  # the mean of the 2x2 block under each output
+        for conv in (m for m in decoder if isinstance(m, torch.nn.Conv2d) and m.in_channels == m.out_channels == 64):
+            conv.weight.zero_()
+            conv.weight[colours, colours, 1, 1] = 1.0
+        latent_out, latent_in = encoder[-1], decoder[1]
+        latent_out.weight.zero_()
+        latent_out.weight[colours, colours, 1, 1] = 2 * LATENT_RANGE
+        latent_out.bias[:3] = -LATENT_RANGE
+        latent_in.weight.zero_()
+        latent_in.weight[colours, colours, 1, 1] = 0.5 / LATENT_RANGE
+        latent_in.bias[:3] = 0.5
+
+
+def block_average_latents(images: np.ndarray) -> torch.Tensor:
+    """What the block-average start of TAESD's encoder computes, without running it."""
+    x = to_tensor(images)
+    means = torch.nn.functional.avg_pool2d(x, 8)
+    return torch.cat([(2 * means - 1) * LATENT_RANGE, torch.zeros_like(means[:, :1])], dim=1)
+
+
+def train_vae(parts, images: np.ndarray, state: State, args: argparse.Namespace) -> None:
+    vae = parts.vae
+    saved = state.load("vae")
+    optimizer = torch.optim.Adam([p for n, p in vae.named_parameters() if n.startswith("taesd_")], lr=args.vae_lr)
+    step = 0
+    if saved is None:
+        start_as_block_average(vae)
+    else:
+        vae.load_state_dict(saved["vae"])
+        optimizer.load_state_dict(saved["optimizer"])
+        step = saved["step"]
+    generator = np.random.default_rng([args.seed, 1, step])
+    last_save = time.monotonic()
+    with tqdm(total=args.vae_steps, initial=step, desc="vae", dynamic_ncols=True) as bar:
+        while step < args.vae_steps:
+            picks = generator.integers(0, len(images), args.vae_batch)
+            corners = generator.integers(0, world_scenes.IMAGE_SIZE - VAE_CROP + 1, (args.vae_batch, 2))
+            crops = np.stack([images[i, y:y + VAE_CROP, x:x + VAE_CROP] for i, (y, x) in zip(picks, corners)])
+            x = to_tensor(crops)
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, 20)
+            latents = vae.taesd_encoder(x)
+            loss = torch.nn.functional.mse_loss(vae.taesd_decoder(latents), x) + LATENT_PENALTY * latents.pow(2).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.5f}")
+            if time.monotonic() - last_save > SAVE_EVERY_S or step == args.vae_steps:
+                state.save("vae", {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step})
+                last_save = time.monotonic()
+                generator = np.random.default_rng([args.seed, 1, step])
+
+
+def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State, args: argparse.Namespace) -> dict:
+    """Latents of every picture (by the trained encoder, divided by their std) and caption tokens."""
+    saved = state.load("dataset")
+    if saved is not None and saved["count"] == len(images):
+        return saved
+    with torch.no_grad():
+        if args.vae_steps == 0:  # the untouched block-average start: its latents are block means
+            latents = block_average_latents(images)
+            exact = parts.vae.taesd_encoder(to_tensor(images[:16]))
+            torch.testing.assert_close(latents[:16], exact, atol=1e-4, rtol=1e-4)
+        else:
+            latents = torch.cat([parts.vae.taesd_encoder(to_tensor(images[i:i + 32]))
+                                 for i in tqdm(range(0, len(images), 32), desc="encode", dynamic_ncols=True)])
+    std = float(latents.std())
+    dataset = {
+        "count": len(images),
+        "latents": (latents / std).to(torch.float16),
+        "latent_std": std,
+        "tokens": torch.tensor([token_ids(parts.clip, c) for c in captions]),
+        "empty": torch.tensor(token_ids(parts.clip, "")),
+        "captions": captions,
+    }
+    state.save("dataset", dataset)
+    return dataset
+
+
+def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    modules = parts.trainable()
+    ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
+    params = [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    step = 0
+    saved = state.load("denoiser")
+    if saved is not None:
+        for name in modules:
+            modules[name].load_state_dict(saved["modules"][name])
+            ema[name].load_state_dict(saved["ema"][name])
+        optimizer.load_state_dict(saved["optimizer"])
+        step = saved["step"]
+    latents, tokens, empty = dataset["latents"], dataset["tokens"], dataset["empty"]
+    last_save = time.monotonic()
+    with tqdm(total=args.steps, initial=step, desc=family.name, dynamic_ncols=True) as bar:
+        while step < args.steps:
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+            picks = torch.randint(0, len(latents), (args.batch,), generator=generator)
+            batch_tokens = tokens[picks].clone()
+            dropped = torch.rand(args.batch, generator=generator) < CAPTION_DROPOUT
+            batch_tokens[dropped] = empty
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, args.steps, args.lr, 200)
+            optimizer.zero_grad(set_to_none=True)
+            # ComfyUI's CLIP text model adds its residuals in place: let autograd keep what it saved.
+            with torch.autograd.graph.allow_mutation_on_saved_tensors():
+                cond = parts.text_encoder()(batch_tokens.tolist())[0]
+                loss = family.loss(parts, latents[picks].float(), cond, generator)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            step += 1
+            decay = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for name, module in modules.items():
+                    for average, current in zip(ema[name].parameters(), module.parameters()):
+                        average.lerp_(current, 1 - decay)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if time.monotonic() - last_save > SAVE_EVERY_S or step == args.steps:
+                state.save("denoiser", {
+                    "modules": {n: m.state_dict() for n, m in modules.items()},
+                    "ema": {n: m.state_dict() for n, m in ema.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                })
+                last_save = time.monotonic()
+    return ema
+
+
+def write_checkpoint(parts, family, ema: dict[str, torch.nn.Module], latent_std: float, path: Path) -> None:
+    """The EMA weights, the VAE scaled so that the model sees latents of unit std, in float16."""
+    import comfy.utils
+
+    for name, module in parts.trainable().items():
+        module.load_state_dict(ema[name].state_dict())
+    with torch.no_grad():
+        # ComfyUI hands the model (encoder output / vae_scale) * the latent format's scale_factor.
+        parts.vae.vae_scale.fill_(parts.config.latent_format.scale_factor * latent_std)
+    state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in family.state_dict(parts).items()}
+    world_model.check_detection(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    comfy.utils.save_torch_file(state, str(partial))
+    partial.replace(path)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="sd15", choices=sorted(world_model.FAMILIES))
+    parser.add_argument("--state", type=Path, default=REPO / ".world_train", help="resumable state (outside git)")
+    parser.add_argument("--out", type=Path, default=world_model.WORLD_CHECKPOINT)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--images", type=int, default=3000, help="pictures in the dataset (each encoded once)")
+    parser.add_argument("--vae-steps", type=int, default=0, help="VAE fine-tuning steps (0: the block-average start)")
+    parser.add_argument("--vae-batch", type=int, default=12)
+    parser.add_argument("--vae-lr", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=1500, help="denoiser steps")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="world-train-") as work:
+        comfy_host.boot(Path(work))
+        family = world_model.FAMILIES[args.family]
+        parts = family.build()
+        state = State(args.state / f"{args.family}-seed{args.seed}")
+        images, captions = render_dataset(args.images, args.seed)
+        train_vae(parts, images, state, args)
+        dataset = encode_dataset(parts, images, captions, state, args)
+        del images
+        ema = train_denoiser(parts, family, dataset, state, args)
+        write_checkpoint(parts, family, ema, dataset["latent_std"], args.out)
+    print(f"training session: {(time.perf_counter() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
