@@ -24,6 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 
+def vp_scale(sigma: float) -> float:
+    """The reference's loss is on DDPM's latents: ``x / sqrt(1 + sigma^2)`` in ComfyUI's (SD1.5) terms."""
+    return 1.0 / math.sqrt(1.0 + sigma * sigma)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kind", default="sd15", choices=("sd15", "sd2v", "sdxl"))
@@ -75,7 +80,7 @@ def main() -> None:
                 return torch.func.functional_call(module, weights, (x, t), {"c_crossattn": context})
 
             with torch.no_grad():
-                path = inversion.ddim_inversion(x0, sigmas, lambda x, s: unet(x, s, cond))
+                path = inversion.ddim_inversion(x0, sigmas, lambda x, s: unet(x, s, cond), vp_scale)
             x = path[0]
             for i in range(steps):
                 s, s_next = sigmas[i], sigmas[i + 1]
@@ -87,7 +92,7 @@ def main() -> None:
                     for _ in range(iterations):
                         d_u = unet(x, s, u)
                         landed = inversion.euler_step(x, d_u + cfg * (c - d_u), s, s_next)
-                        scale = inversion.vp_scale(s_next)
+                        scale = vp_scale(s_next)
                         loss = torch.nn.functional.mse_loss(landed * scale, path[i + 1] * scale)
                         optimiser.zero_grad()
                         loss.backward()

@@ -6,7 +6,7 @@ current ComfyUI (v0.3.75, late 2025). Each shim says which version does what.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import comfy.samplers
@@ -22,6 +22,13 @@ def model_sampling(model: Any) -> Any:
     if hasattr(model, "get_model_object"):
         return model.get_model_object("model_sampling")
     return model.object_patches.get("model_sampling", model.model.model_sampling)
+
+
+def input_scale(model: Any) -> Callable[[float], float]:
+    """sigma -> the factor by which ComfyUI scales the model's input (``1 / sqrt(1 + sigma^2)`` for
+    epsilon and v-prediction, 1 for flow models), from the model's own ``calculate_input``."""
+    sampling = model_sampling(model)
+    return lambda sigma: float(sampling.calculate_input(torch.tensor([float(sigma)]), torch.ones(1)).flatten()[0])
 
 
 def schedule(model: Any, scheduler: str, steps: int) -> list[float]:

@@ -29,7 +29,7 @@ from ..p2p_attention.inversion import (
     null_text_inversion,
     recovered_cfg,
 )
-from .host import COND, UNCOND, model_sampling, post_cfg_scale, predict_branch, sampler_conds, schedule
+from .host import COND, UNCOND, input_scale, model_sampling, post_cfg_scale, predict_branch, sampler_conds, schedule
 from .patch import find_controller
 
 def _tiled(embedding: torch.Tensor, rows: int, tokens: int) -> torch.Tensor | None:
@@ -260,7 +260,7 @@ class P2PDDIMInvert:
             base, cond, uncond = sampler_conds(model_k, extra_args)
             options = extra_args["model_options"]
             denoise_cond = lambda x, s: predict_branch(base, cond, COND, x, s, options)  # noqa: E731
-            path = ddim_inversion(x, sigmas, denoise_cond, tick)
+            path = ddim_inversion(x, sigmas, denoise_cond, input_scale(model), tick)
             found["path"] = path
             if method == NULL_TEXT:
                 start = negative[0][0].to(x.device, torch.float32)
@@ -276,7 +276,7 @@ class P2PDDIMInvert:
                             calls.embedding = None
 
                     found["embeddings"] = null_text_inversion(
-                        path, sigmas, denoise_cond, denoise_uncond, start, cfg, null_text_iterations, early_stop, tick
+                        path, sigmas, denoise_cond, denoise_uncond, start, cfg, null_text_iterations, early_stop, input_scale(model), tick
                     )
                 else:
                     found["embeddings"] = [start] * steps

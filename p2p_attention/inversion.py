@@ -53,11 +53,6 @@ Denoise = Callable[[torch.Tensor, float], torch.Tensor]  # (x, sigma) -> x0
 InputScale = Callable[[float], float]  # sigma -> the factor ComfyUI scales the model's input by
 
 
-def vp_scale(sigma: float) -> float:
-    """``x / sqrt(1 + sigma^2)``: the input scale of epsilon and v-prediction models (DDPM's ``z_t``)."""
-    return 1.0 / math.sqrt(1.0 + sigma * sigma)
-
-
 def velocity(x: torch.Tensor, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
     """``dx / dsigma`` of the sampling ODE: a rectified flow's velocity, ``eps`` for epsilon models."""
     return (x - denoised) / sigma
