@@ -155,13 +155,11 @@ class Host:
         return {"ui": ui, "executor": executor, "messages": server.messages}
 
 
-def boot(work_dir: Path, extra_nodes: dict[str, type] | None = None) -> Host:
-    """Start ComfyUI on the CPU in this process and load this pack as a custom node pack.
-
-    ``work_dir`` receives ComfyUI's input/output/temp folders and ``models/`` (checkpoints,
-    embeddings). ``extra_nodes`` registers test-only nodes (e.g. a capture node) beside the pack.
-    """
-    path = comfyui_path()
+def import_comfy(path: Path | None = None) -> Path:
+    """Import ComfyUI's model code (``comfy.*``) from the host checkout, set up for the CPU with
+    PyTorch's fused attention; returns the checkout. Enough for scripts that build and train models
+    with ComfyUI's classes (``scripts/train_world.py``); ``boot`` adds the nodes and the executor."""
+    path = path or comfyui_path()
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     try:
@@ -172,6 +170,26 @@ def boot(work_dir: Path, extra_nodes: dict[str, type] | None = None) -> Host:
         # PyTorch's fused attention, as ComfyUI picks on GPUs: on the CPU its default is a slower
         # chunked attention that would make 512x512 runs minutes long.
         args.use_pytorch_cross_attention = True
+        if (path / "utils" / "__init__.py").is_file():
+            # Current ComfyUI: main.py imports its `utils` package first; nodes.py then puts comfy/ at
+            # the front of sys.path, whose utils.py would otherwise shadow the package.
+            import utils  # noqa: F401
+        import comfy.model_management  # noqa: F401
+        import comfy.sd  # noqa: F401
+        import comfy.utils  # noqa: F401
+    except Exception as exc:  # the suite must fail loudly, never skip
+        raise HostError(f"ComfyUI at {path} failed to import: {exc!r}") from exc
+    return path
+
+
+def boot(work_dir: Path, extra_nodes: dict[str, type] | None = None) -> Host:
+    """Start ComfyUI on the CPU in this process and load this pack as a custom node pack.
+
+    ``work_dir`` receives ComfyUI's input/output/temp folders and ``models/`` (checkpoints,
+    embeddings). ``extra_nodes`` registers test-only nodes (e.g. a capture node) beside the pack.
+    """
+    path = import_comfy()
+    try:
         import folder_paths
 
         work_dir = Path(work_dir)
@@ -183,10 +201,7 @@ def boot(work_dir: Path, extra_nodes: dict[str, type] | None = None) -> Host:
         folder_paths.add_model_folder_path("checkpoints", str(work_dir / "models" / "checkpoints"))
         folder_paths.add_model_folder_path("embeddings", str(work_dir / "models" / "embeddings"))
 
-        if (path / "utils" / "__init__.py").is_file():
-            # Current ComfyUI: main.py imports its `utils` package first; nodes.py then puts comfy/ at
-            # the front of sys.path, whose utils.py would otherwise shadow the package.
-            import utils  # noqa: F401
+        import comfy
         import comfy.model_management
         import comfy.sample
         import comfy.samplers
