@@ -1,6 +1,7 @@
 """Train the tiny world model (tests/world_model.py) on the synthetic world (tests/world_scenes.py).
 
     nice -n 10 .venv/bin/python scripts/train_world.py            # ~1 hour on 2 CPU cores
+    python scripts/train_world.py --device cuda --images 40000 --vae-steps 3000 --steps 12000 --batch 128 --minutes 6
     .venv/bin/python scripts/train_world.py --out /tmp/w.safetensors --images 64 --vae-steps 5 --steps 5   # a smoke run
 
 Three phases, each resumable from the state folder (``--state``, outside git): the VAE (TAESD,
@@ -8,8 +9,9 @@ encoder and decoder, on crops of world pictures), the dataset (scenes rendered, 
 with ComfyUI's CLIP tokenizer, pictures encoded once by the trained encoder), and the denoiser with
 its text encoder, trained jointly (the family's loss: SD1.x eps prediction for ``sd15``; 10% of the
 captions dropped for classifier-free guidance; an EMA of the weights is what gets saved). Stopping
-(Ctrl-C) saves the state; running the same command again goes on from there. Everything is drawn
-from ``--seed``. The result is one checkpoint that the stock CheckpointLoaderSimple loads once the
+(Ctrl-C, or ``--minutes`` running out) saves the state and writes the checkpoint of the steps so
+far; running the same command again goes on from there. Everything is drawn from ``--seed`` (on
+the CPU, so a GPU run draws the same batches and noise). The result is one checkpoint that the stock CheckpointLoaderSimple loads once the
 world architecture is registered.
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ import argparse
 import copy
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def block_average_latents(images: np.ndarray) -> torch.Tensor:
 
 
 def train_vae(parts, images: np.ndarray, state: State, args: argparse.Namespace) -> None:
-    vae = parts.vae
+    vae = parts.vae.to(args.device)
     saved = state.load("vae")
     optimizer = torch.optim.Adam([p for n, p in vae.named_parameters() if n.startswith("taesd_")], lr=args.vae_lr)
     step = 0
@@ -143,7 +144,7 @@ def train_vae(parts, images: np.ndarray, state: State, args: argparse.Namespace)
             picks = generator.integers(0, len(images), args.vae_batch)
             corners = generator.integers(0, world_scenes.IMAGE_SIZE - VAE_CROP + 1, (args.vae_batch, 2))
             crops = np.stack([images[i, y:y + VAE_CROP, x:x + VAE_CROP] for i, (y, x) in zip(picks, corners)])
-            x = to_tensor(crops)
+            x = to_tensor(crops).to(args.device)
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, args.vae_steps, args.vae_lr, 20)
             latents = vae.taesd_encoder(x)
@@ -168,11 +169,12 @@ def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State,
     with torch.no_grad():
         if args.vae_steps == 0:  # the untouched block-average start: its latents are block means
             latents = block_average_latents(images)
-            exact = parts.vae.taesd_encoder(to_tensor(images[:16]))
+            exact = parts.vae.taesd_encoder(to_tensor(images[:16]).to(args.device)).cpu()
             torch.testing.assert_close(latents[:16], exact, atol=1e-4, rtol=1e-4)
         else:
-            latents = torch.cat([parts.vae.taesd_encoder(to_tensor(images[i:i + 32]))
-                                 for i in tqdm(range(0, len(images), 32), desc="encode", dynamic_ncols=True)])
+            encoder = parts.vae.taesd_encoder.to(args.device)
+            latents = torch.cat([encoder(to_tensor(images[i:i + 256]).to(args.device)).cpu()
+                                 for i in tqdm(range(0, len(images), 256), desc="encode", dynamic_ncols=True)])
     std = float(latents.std())
     dataset = {
         "count": len(images),
@@ -187,7 +189,9 @@ def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State,
 
 
 def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Namespace) -> dict[str, torch.nn.Module]:
-    modules = parts.trainable()
+    """Trains until ``--steps`` or until ``--minutes`` of this session are spent (the state is saved
+    either way); returns the EMA of the weights."""
+    modules = {name: m.to(args.device) for name, m in parts.trainable().items()}
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -199,34 +203,41 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
             ema[name].load_state_dict(saved["ema"][name])
         optimizer.load_state_dict(saved["optimizer"])
         step = saved["step"]
-    latents, tokens, empty = dataset["latents"], dataset["tokens"], dataset["empty"]
+    latents, tokens, empty = (dataset[k].to(args.device) for k in ("latents", "tokens", "empty"))
+    with torch.no_grad():
+        torch.testing.assert_close(parts.encode_tokens(tokens[:4]), parts.text_encoder()(tokens[:4].tolist())[0], rtol=1e-4, atol=1e-4)
+    skipped = 0
+    deadline = time.monotonic() + 60 * args.minutes
     last_save = time.monotonic()
     with tqdm(total=args.steps, initial=step, desc=family.name, dynamic_ncols=True) as bar:
         while step < args.steps:
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            picks = torch.randint(0, len(latents), (args.batch,), generator=generator)
+            picks = torch.randint(0, len(latents), (args.batch,), generator=generator).to(args.device)
             batch_tokens = tokens[picks].clone()
-            dropped = torch.rand(args.batch, generator=generator) < CAPTION_DROPOUT
+            dropped = (torch.rand(args.batch, generator=generator) < CAPTION_DROPOUT).to(args.device)
             batch_tokens[dropped] = empty
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, args.steps, args.lr, 200)
             optimizer.zero_grad(set_to_none=True)
             # ComfyUI's CLIP text model adds its residuals in place: let autograd keep what it saved.
             with torch.autograd.graph.allow_mutation_on_saved_tensors():
-                cond = parts.text_encoder()(batch_tokens.tolist())[0]
+                cond = parts.encode_tokens(batch_tokens)
                 loss = family.loss(parts, latents[picks].float(), cond, generator)
                 loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):
+                optimizer.step()
+            else:  # a rare overflow must not turn every weight into NaN
+                skipped += 1
             step += 1
             decay = min(args.ema, (1 + step) / (10 + step))
             with torch.no_grad():
                 for name, module in modules.items():
-                    for average, current in zip(ema[name].parameters(), module.parameters()):
-                        average.lerp_(current, 1 - decay)
+                    torch._foreach_lerp_(list(ema[name].parameters()), list(module.parameters()), 1 - decay)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if time.monotonic() - last_save > SAVE_EVERY_S or step == args.steps:
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}", skipped=skipped)
+            out_of_time = time.monotonic() > deadline
+            if time.monotonic() - last_save > SAVE_EVERY_S or step == args.steps or out_of_time:
                 state.save("denoiser", {
                     "modules": {n: m.state_dict() for n, m in modules.items()},
                     "ema": {n: m.state_dict() for n, m in ema.items()},
@@ -234,6 +245,9 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
                     "step": step,
                 })
                 last_save = time.monotonic()
+            if out_of_time:
+                print(f"--minutes {args.minutes} spent at step {step} of {args.steps}: the same command goes on from here")
+                break
     return ema
 
 
@@ -242,7 +256,8 @@ def write_checkpoint(parts, family, ema: dict[str, torch.nn.Module], latent_std:
     import comfy.utils
 
     for name, module in parts.trainable().items():
-        module.load_state_dict(ema[name].state_dict())
+        module.cpu().load_state_dict(ema[name].state_dict())
+    parts.vae.cpu()
     with torch.no_grad():
         # ComfyUI hands the model (encoder output / vae_scale) * the latent format's scale_factor.
         parts.vae.vae_scale.fill_(parts.config.latent_format.scale_factor * latent_std)
@@ -270,22 +285,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train (a GPU when there is one)")
+    parser.add_argument("--minutes", type=float, default=math.inf, help="stop the denoiser after this long, save, and write the checkpoint")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+
     torch.manual_seed(args.seed)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="world-train-") as work:
-        comfy_host.boot(Path(work))
-        family = world_model.FAMILIES[args.family]
-        parts = family.build()
-        state = State(args.state / f"{args.family}-seed{args.seed}")
-        images, captions = render_dataset(args.images, args.seed)
-        train_vae(parts, images, state, args)
-        dataset = encode_dataset(parts, images, captions, state, args)
-        del images
-        ema = train_denoiser(parts, family, dataset, state, args)
-        write_checkpoint(parts, family, ema, dataset["latent_std"], args.out)
+    comfy_host.import_comfy()
+    family = world_model.FAMILIES[args.family]
+    parts = family.build()
+    state = State(args.state / f"{args.family}-seed{args.seed}")
+    images, captions = render_dataset(args.images, args.seed)
+    train_vae(parts, images, state, args)
+    dataset = encode_dataset(parts, images, captions, state, args)
+    del images
+    ema = train_denoiser(parts, family, dataset, state, args)
+    write_checkpoint(parts, family, {n: m.cpu() for n, m in ema.items()}, dataset["latent_std"], args.out)
     print(f"training session: {(time.perf_counter() - started) / 60:.1f} min")
 
 

@@ -109,6 +109,18 @@ class Parts:
         """The module CLIPTextEncode runs: ``SDClipModel`` (``forward(token lists) -> (cond, pooled)``)."""
         return self.clip.cond_stage_model.clip_l
 
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What ``text_encoder()`` computes for rows of 77 token ids, as one batched call
+        (``SDClipModel.forward`` walks every token of every row in Python, the bulk of a GPU training
+        step). v0.3.75's ``SDClipModel``; ``scripts/train_world.py`` checks it against the stock path."""
+        encoder = self.text_encoder()
+        embeds = encoder.transformer.get_input_embeddings()(tokens, out_dtype=torch.float32)
+        before_end = (tokens == encoder.special_tokens["end"]).int().cumsum(1) == 0
+        num_tokens = (before_end.sum(1) + 1).tolist()  # up to and including the first end token
+        outputs = encoder.transformer(None, None, embeds=embeds, num_tokens=num_tokens, intermediate_output=encoder.layer_idx,
+                                      final_layer_norm_intermediate=encoder.layer_norm_hidden_state, dtype=torch.float32)
+        return outputs[0].float() if encoder.layer == "last" else outputs[1].float()
+
     def trainable(self) -> dict[str, torch.nn.Module]:
         return {"unet": self.model.diffusion_model, "text": self.text_encoder()}
 
@@ -150,7 +162,9 @@ def _build_sd15() -> Parts:
     vae = comfy.taesd.taesd.TAESD()
     for module in (model.diffusion_model, clip.cond_stage_model, vae):
         _reset(module)
-    clip.cond_stage_model.requires_grad_(True)  # ComfyUI freezes its text encoders (SDClipModel.freeze); this one learns
+    # ComfyUI builds text encoders frozen (SDClipModel.freeze) and in float16 (where AdamW's moments
+    # underflow to inf at the first step): this one learns, in float32 like the UNet.
+    clip.cond_stage_model.requires_grad_(True).to(torch.float32)
     with torch.no_grad():
         vae.vae_scale.fill_(config.latent_format.scale_factor)
         clip.cond_stage_model.clip_l.logit_scale.fill_(4.6055)
@@ -163,9 +177,9 @@ def _sd15_loss(parts: Parts, latents: torch.Tensor, cond: torch.Tensor, generato
     sampling = parts.model.model_sampling
     steps = torch.randint(0, len(sampling.sigmas), (latents.shape[0],), generator=generator)
     sigma = sampling.sigmas[steps].to(latents)[:, None, None, None]
-    noise = torch.randn(latents.shape, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     noisy = latents + sigma * noise
-    prediction = parts.model.diffusion_model(noisy / (sigma**2 + 1).sqrt(), timesteps=steps.float(), context=cond)
+    prediction = parts.model.diffusion_model(noisy / (sigma**2 + 1).sqrt(), timesteps=steps.to(latents.device).float(), context=cond)
     return torch.nn.functional.mse_loss(prediction, noise)
 
 
