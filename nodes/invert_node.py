@@ -189,7 +189,7 @@ class P2PDDIMInvert:
         "(add_noise off, sampler from this node's sampler output, sigmas from BasicScheduler with the same steps and "
         "scheduler, the same cfg) or, except for fireflow, KSamplerAdvanced (add_noise disable, sampler ddim or euler). "
         "Methods: null-text (the paper's: optimises the negative per step, slow, best edits; needs cfg above 1, so not "
-        "guidance-distilled Flux), direct (exact reconstruction at any cfg, no optimisation, about half a sampling pass), "
+        "guidance-distilled Flux), direct (exact reconstruction at any cfg, no optimisation, one conditional forward per step), "
         "ddim (plain inversion: exact only at cfg 1 and many steps, drifts at high cfg), "
         "fireflow (flow models: a second-order solver, far closer than ddim at few steps, with its own sampler)."
     )
