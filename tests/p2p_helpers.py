@@ -134,7 +134,8 @@ def smooth(host: Any, model: Any, weight: float = 0.005, variance: float = 1.0) 
     sampling = host.pack.nodes.host.model_sampling(model)
 
     def wrapper(apply_model, args):
-        x, sigma = args["input"], args["timestep"].reshape(-1, 1, 1, 1)
+        x = args["input"]
+        sigma = args["timestep"].reshape(-1, *[1] * (x.ndim - 1))  # Qwen-Image latents have a frame axis
         a = sampling.noise_scaling(sigma, torch.zeros_like(x), torch.ones_like(x))
         prior = x * (a * variance / (a * a * variance + sigma**2))
         return prior + weight * (apply_model(x, args["timestep"], **args["c"]) - x)

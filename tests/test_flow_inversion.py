@@ -1,5 +1,5 @@
 """P2P DDIM Invert on rectified-flow models (v0.3.75): tiny Flux.1 dev and SD3.5 in ComfyUI's real
-architectures, inverted and sampled back through P2P Controller and stock samplers at each model's
+architectures (and Chroma and Qwen-Image, more briefly), inverted and sampled back through P2P Controller and stock samplers at each model's
 usual guidance (Flux.1 dev: cfg 1 with FluxGuidance 3.5; SD3.5: cfg 4.5).
 
 As in test_inversion, the random-weight models are wrapped in ``smooth`` (a stock UNet wrapper: a
@@ -20,7 +20,7 @@ TARGET = "a photo of a dog riding a bicycle"
 NEGATIVE = "blurry, low quality"
 SCHEDULER = "simple"  # the flow models' usual schedule (sigma 1 down to 0)
 STEPS = 8
-USUAL_CFG = {"flux_dev": 1.0, "sd35": 4.5}
+USUAL_CFG = {"flux_dev": 1.0, "sd35": 4.5, "chroma": 4.0, "qwen_image": 4.0}
 FLUX_GUIDANCE = 3.5
 EXACT_DB = 60.0
 
@@ -96,6 +96,12 @@ def test_exact_methods_reconstruct_at_the_usual_guidance_and_plain_inversion_dri
         unguided = round_trip(host, flow, kind, "ddim", 1.0)
         null_text = round_trip(host, flow, kind, "null-text", cfg)
         assert null_text - plain >= 0.4 * (unguided - plain)
+
+
+@pytest.mark.parametrize("kind", ["chroma", "qwen_image"])
+def test_the_other_flow_families_invert_through_the_same_mechanism(host, flow, kind):
+    assert round_trip(host, flow, kind, "direct", USUAL_CFG[kind], steps=4) > 100
+    assert round_trip(host, flow, kind, "fireflow", 1.0) > round_trip(host, flow, kind, "ddim", 1.0) + 10
 
 
 @pytest.mark.parametrize("kind", ["flux_dev", "sd35"])
