@@ -1,10 +1,13 @@
 """P2P DDIM Invert: time of each method relative to one plain sampling pass of the same steps.
 
     .venv/bin/python benchmarks/bench_inversion.py                          # tiny SD1.5, CPU-sized
+    .venv/bin/python benchmarks/bench_inversion.py --kind flux_dev          # tiny Flux.1 dev (v0.3.75)
     .venv/bin/python benchmarks/bench_inversion.py --size 512 --steps 50    # GPU-sized
 
-"plain" is one stock KSamplerAdvanced pass (batch 1, cfg 7.5, ddim) of the same steps; each
-method is the P2P DDIM Invert node's own run. "reference-style" is the null-text reference
+"plain" is one stock KSamplerAdvanced pass (batch 1, ddim) of the same steps at the model's usual
+guidance (SD: cfg 7.5, ddim_uniform; Flux.1 dev: cfg 1 with FluxGuidance 3.5, simple; SD3.5: cfg 4.5,
+simple); each method is the P2P DDIM Invert node's own run, every method the model allows (fireflow
+on flow models, null-text where there is a negative branch). "reference-style" is the null-text reference
 implementation's loop on the same UNet: per step one conditional forward, then per iteration a full
 forward and backward of the unconditional branch with the UNet's weights requiring gradients (the
 reference never turns them off), and a guided forward at batch 2 for the next latent; the DDIM pivot
@@ -14,6 +17,7 @@ the ratio compares equal work. Times are medians of ``--repeats`` runs in one pr
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import tempfile
@@ -29,9 +33,20 @@ def vp_scale(sigma: float) -> float:
     return 1.0 / math.sqrt(1.0 + sigma * sigma)
 
 
+# kind -> (scheduler, cfg, the methods to time); null-text needs cfg > 1, fireflow a flow model.
+SETTINGS = {
+    "sd15": ("ddim_uniform", 7.5, ("ddim", "direct", "null-text")),
+    "sd2v": ("ddim_uniform", 7.5, ("ddim", "direct", "null-text")),
+    "sdxl": ("ddim_uniform", 7.5, ("ddim", "direct", "null-text")),
+    "flux_dev": ("simple", 1.0, ("ddim", "direct", "fireflow")),
+    "sd35": ("simple", 4.5, ("ddim", "direct", "fireflow", "null-text")),
+}
+UNETS = ("sd15", "sd2v", "sdxl")  # the reference-style loop calls a UNet with a context only
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kind", default="sd15", choices=("sd15", "sd2v", "sdxl"))
+    parser.add_argument("--kind", default="sd15", choices=tuple(SETTINGS))
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (latent = size / 8)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=10)
@@ -41,31 +56,41 @@ def main() -> None:
     import torch
 
     import comfy_host
+    import tiny_dit_models
     import tiny_models
 
     host = comfy_host.boot(Path(tempfile.mkdtemp(prefix="p2p-bench-inv-")))
-    tiny_models.register_tiny_architectures()
-    name = tiny_models.tiny_checkpoint_name(args.kind)
-    tiny_models.write_tiny_checkpoint(args.kind, host.work_dir / "models" / "checkpoints" / name)
+    checkpoints = host.work_dir / "models" / "checkpoints"
+    if args.kind in UNETS:
+        tiny_models.register_tiny_architectures()
+        name = tiny_models.tiny_checkpoint_name(args.kind)
+        tiny_models.write_tiny_checkpoint(args.kind, checkpoints / name)
+    else:
+        tiny_dit_models.register_tiny_dit_architectures()
+        name = tiny_dit_models.tiny_dit_checkpoint_name(args.kind)
+        tiny_dit_models.write_tiny_dit_checkpoint(args.kind, checkpoints / name)
     nodes = host.nodes
+    scheduler, cfg, methods = SETTINGS[args.kind]
     with torch.inference_mode():
         model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
         positive = nodes.CLIPTextEncode().encode(clip, "a photo of a cat riding a bicycle")[0]
+        if args.kind == "flux_dev":
+            positive = nodes.NODE_CLASS_MAPPINGS["FluxGuidance"].execute(positive, 3.5)[0]
         negative = nodes.CLIPTextEncode().encode(clip, "")[0]
         image = torch.rand(1, args.size, args.size, 3)
         latent = nodes.VAEEncode().encode(vae, image)[0]
     invert = host.pack.NODE_CLASS_MAPPINGS["P2PDDIMInvert"]()
-    steps, cfg, iterations = args.steps, 7.5, args.iterations
+    steps, iterations = args.steps, args.iterations
 
     def plain() -> None:
-        nodes.KSamplerAdvanced().sample(model, "disable", 0, steps, cfg, "ddim", "ddim_uniform", positive, negative, latent, 0, 10000, "disable")
+        nodes.KSamplerAdvanced().sample(model, "disable", 0, steps, cfg, "ddim", scheduler, positive, negative, latent, 0, 10000, "disable")
 
     def method(name: str):
-        return lambda: invert.invert(model, positive, negative, latent, steps, cfg, "ddim_uniform", name, iterations, 0.0)
+        return lambda: invert.invert(model, positive, negative, latent, steps, cfg, scheduler, name, iterations, 0.0)
 
     inversion = host.pack.p2p_attention.inversion
     base = model.model
-    sigmas = host.pack.nodes.host.schedule(model, "ddim_uniform", steps)
+    sigmas = host.pack.nodes.host.schedule(model, scheduler, steps)
 
     def reference() -> None:
         """The reference's loop on this UNet (ComfyUI's apply_model, weights requiring gradients)."""
@@ -119,18 +144,19 @@ def main() -> None:
         return statistics.median(runs)
 
     print(f"$ {' '.join(['.venv/bin/python', 'benchmarks/bench_inversion.py'] + sys.argv[1:])}")
-    print(f"{args.kind} tiny UNet, {args.size}x{args.size} px, {steps} steps, cfg {cfg}, {iterations} null-text iterations, "
-          f"device {host.model_management.get_torch_device()}")
+    print(f"{args.kind} tiny model, {args.size}x{args.size} px, {steps} steps, {scheduler}, cfg {cfg}, "
+          f"{iterations} null-text iterations, device {host.model_management.get_torch_device()}")
     with torch.inference_mode():
         base_time = timed(plain)
-        rows = [("plain sampling pass", base_time)]
-        for name in ("ddim", "direct", "null-text"):
-            rows.append((f"invert: {name}", timed(method(name))))
-    rows.append(("reference-style null-text", timed(reference)))
-    for label, seconds in rows:
+        rows = {"plain sampling pass": base_time}
+        for name in methods:
+            rows[f"invert: {name}"] = timed(method(name))
+    if args.kind in UNETS:
+        rows["reference-style null-text"] = timed(reference)
+    for label, seconds in rows.items():
         print(f"{label:28s} {seconds:8.3f} s  {seconds / base_time:6.2f}x plain")
-    null_text, ref = rows[3][1], rows[4][1]
-    print(f"null-text / reference-style: {null_text / ref:.2f}")
+    if "reference-style null-text" in rows:
+        print(f"null-text / reference-style: {rows['invert: null-text'] / rows['reference-style null-text']:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ current ComfyUI (v0.3.75, late 2025). Each shim says which version does what.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, Callable
 
 import torch
+import comfy.model_sampling
 import comfy.samplers
 
 COND, UNCOND = 0, 1  # ComfyUI's chunk labels in ``cond_or_uncond``
@@ -29,6 +31,44 @@ def input_scale(model: Any) -> Callable[[float], float]:
     epsilon and v-prediction, 1 for flow models), from the model's own ``calculate_input``."""
     sampling = model_sampling(model)
     return lambda sigma: float(sampling.calculate_input(torch.tensor([float(sigma)]), torch.ones(1)).flatten()[0])
+
+
+def is_flow(model: Any) -> bool:
+    """Whether the model is a rectified flow (``x = (1 - sigma) x0 + sigma eps``). The 2024 host has
+    no flow models (no ``CONST`` class)."""
+    return isinstance(model_sampling(model), getattr(comfy.model_sampling, "CONST", ()))
+
+
+_FROM_LATENT_CLASSES: dict[type, type] = {}
+
+
+def _from_given_latent_class(base: type) -> type:
+    """``base`` with ``noise_scaling`` adding the noise (as ``base`` scales it) to the latent as it
+    is: only flow models differ, whose own rule scales the latent by ``1 - sigma``."""
+
+    def noise_scaling(self: Any, sigma: Any, noise: torch.Tensor, latent_image: torch.Tensor, max_denoise: bool = False) -> torch.Tensor:
+        return latent_image + base.noise_scaling(self, sigma, noise, torch.zeros_like(latent_image), max_denoise)
+
+    if base not in _FROM_LATENT_CLASSES:
+        _FROM_LATENT_CLASSES[base] = type(f"FromGivenLatent{base.__name__}", (base,), {"noise_scaling": noise_scaling})
+    return _FROM_LATENT_CLASSES[base]
+
+
+def sample_from_given_latent(model: Any) -> None:
+    """Make the samplers of ``model`` (a clone; patched in place) start from the latent they are given.
+
+    An inverted latent already is the latent at the top of the schedule, the sampler's own state.
+    Epsilon models start there anyway (``latent + sigma * noise``, noise 0 without added noise);
+    flow models would start from ``(1 - sigma) * latent + sigma * noise``, which is 0 at sigma 1.
+    The model sampling is replaced (an object patch, as ComfyUI's ModelSampling* nodes do) by a
+    shallow copy of the model's own whose class overrides only ``noise_scaling``.
+    """
+    sampling = model_sampling(model)
+    if type(sampling) in _FROM_LATENT_CLASSES.values():
+        return
+    patched = copy.copy(sampling)
+    patched.__class__ = _from_given_latent_class(type(sampling))
+    model.add_object_patch("model_sampling", patched)
 
 
 def schedule(model: Any, scheduler: str, steps: int) -> list[float]:

@@ -1,5 +1,6 @@
-"""P2P DDIM Invert: a real image's latent inverted along the sampler's schedule, and a model that
-samples it back (null-text embeddings per step, direct-inversion corrections, mismatch checks).
+"""P2P DDIM Invert: a real image's latent inverted along the sampler's schedule, a model that
+samples it back (null-text embeddings per step, direct-inversion corrections, mismatch checks) and
+the sampler that retraces the method's steps (FireFlow's own, else Euler).
 
 Every model evaluation of the inversion goes through ComfyUI's own conditioning path (the
 ``calc_cond_batch`` of a ``sample_custom`` run with our own sampler function), so pooled outputs,
@@ -20,16 +21,29 @@ import comfy.utils
 
 from ..p2p_attention.errors import P2PError
 from ..p2p_attention.inversion import (
-    DIRECT,
+    FIREFLOW,
     INVERT,
     METHODS,
     NULL_TEXT,
     InvertedPath,
     ddim_inversion,
+    fireflow_inversion,
+    fireflow_sample,
     null_text_inversion,
     recovered_cfg,
 )
-from .host import COND, UNCOND, input_scale, model_sampling, post_cfg_scale, predict_branch, sampler_conds, schedule
+from .host import (
+    COND,
+    UNCOND,
+    input_scale,
+    is_flow,
+    model_sampling,
+    post_cfg_scale,
+    predict_branch,
+    sample_from_given_latent,
+    sampler_conds,
+    schedule,
+)
 from .patch import find_controller
 
 def _tiled(embedding: torch.Tensor, rows: int, tokens: int) -> torch.Tensor | None:
@@ -169,19 +183,23 @@ def _tooltip(kind: str, tooltip: str, **options: Any) -> tuple:
 
 class P2PDDIMInvert:
     DESCRIPTION = (
-        "Inverts an encoded image (VAE Encode) along the sampler's schedule so that Prompt-to-Prompt can edit it. "
-        "Plug latent -> P2P Controller latent, model -> P2P Controller model, then sample with KSamplerAdvanced "
-        "(add_noise disable, sampler ddim or euler, the same steps, scheduler and cfg as here) or SamplerCustom "
-        "(add_noise off). Methods: null-text (the paper's: optimises the negative per step, slow, best edits), "
-        "direct (exact reconstruction at any cfg, no optimisation, about half a sampling pass), "
-        "ddim (plain inversion: exact only at cfg 1, drifts at high cfg)."
+        "Inverts an encoded image (VAE Encode) along the sampler's schedule so that Prompt-to-Prompt can edit it; "
+        "SD1.x, SD2.x, SDXL and flow models (Flux, SD3.5, Qwen-Image, Chroma). "
+        "Plug latent -> P2P Controller latent, model -> P2P Controller model, then sample with SamplerCustom "
+        "(add_noise off, sampler from this node's sampler output, sigmas from BasicScheduler with the same steps and "
+        "scheduler, the same cfg) or, except for fireflow, KSamplerAdvanced (add_noise disable, sampler ddim or euler). "
+        "Methods: null-text (the paper's: optimises the negative per step, slow, best edits; needs cfg above 1, so not "
+        "guidance-distilled Flux), direct (exact reconstruction at any cfg, no optimisation, one conditional forward per step), "
+        "ddim (plain inversion: exact only at cfg 1 and many steps, drifts at high cfg), "
+        "fireflow (flow models: a second-order solver, far closer than ddim at few steps, with its own sampler)."
     )
     CATEGORY = "P2P"
-    RETURN_TYPES = ("LATENT", "MODEL")
-    RETURN_NAMES = ("latent", "model")
+    RETURN_TYPES = ("LATENT", "MODEL", "SAMPLER")
+    RETURN_NAMES = ("latent", "model", "sampler")
     OUTPUT_TOOLTIPS = (
         "The inverted latent (batch 1): the P2P Controller's latent input. Sample it without adding noise.",
         "The model with the inversion's per-step data and checks patched in (a clone): the P2P Controller's model input.",
+        "The sampler that retraces the method's steps: FireFlow's for fireflow, else Euler (ddim). For SamplerCustom.",
     )
     FUNCTION = "invert"
 
@@ -189,7 +207,9 @@ class P2PDDIMInvert:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": _tooltip("MODEL", "An SD1.x, SD2.x (also v-prediction) or SDXL model: the one you sample with."),
+                "model": _tooltip(
+                    "MODEL", "An SD1.x, SD2.x (also v-prediction), SDXL or flow model (Flux, SD3.5, Qwen-Image, Chroma): the one you sample with."
+                ),
                 "positive": _tooltip(
                     "CONDITIONING", "The source prompt, encoded: a description of the image, the same text as the P2P edit's source."
                 ),
@@ -202,8 +222,8 @@ class P2PDDIMInvert:
                 "steps": _tooltip("INT", "Sampling steps; the sampler must use the same. The paper uses 50.", default=50, min=1, max=1000),
                 "cfg": _tooltip(
                     "FLOAT",
-                    "The sampler's cfg. Null-text optimises for it and the sampler must use the same; "
-                    "direct and ddim inversion do not depend on it.",
+                    "The sampler's cfg (1 for guidance-distilled Flux, whose guidance comes from FluxGuidance on the "
+                    "positive). Null-text optimises for it and the sampler must use the same; the other methods do not depend on it.",
                     default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                 ),
                 "scheduler": _tooltip(
@@ -214,8 +234,9 @@ class P2PDDIMInvert:
                 "method": _tooltip(
                     list(METHODS),
                     "null-text: optimises the unconditional embedding per step (paper; steps x iterations backward "
-                    "passes). direct: exact at any cfg by correcting each step, no optimisation. ddim: plain "
-                    "inversion, exact only at cfg 1.",
+                    "passes; cfg above 1 only). direct: exact at any cfg by correcting each step, no optimisation. ddim: "
+                    "plain inversion, exact only at cfg 1 and many steps. fireflow: flow models only, second-order "
+                    "inversion (one model call per step), sample with this node's sampler output.",
                     default=NULL_TEXT,
                 ),
                 "null_text_iterations": _tooltip(
@@ -242,10 +263,9 @@ class P2PDDIMInvert:
         null_text_iterations: int = 10,
         early_stop: float = 1e-5,
     ) -> tuple:
-        samples = self._check(model, positive, negative, latent, method)
+        samples = self._check(model, positive, negative, latent, method, cfg)
         sigmas = schedule(model, scheduler, steps)
-        optimise = method == NULL_TEXT and not math.isclose(cfg, 1.0)  # at cfg 1 the negative has no effect
-        progress = comfy.utils.ProgressBar(steps * (1 + (null_text_iterations if optimise else 0)))
+        progress = comfy.utils.ProgressBar(steps * (1 + (null_text_iterations if method == NULL_TEXT else 0)))
 
         def tick() -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -254,32 +274,33 @@ class P2PDDIMInvert:
         calls = _UnetCalls(model.model_options.get("model_function_wrapper"))
         inverting = model.clone()
         inverting.set_model_unet_function_wrapper(calls)
+        sample_from_given_latent(inverting)  # the sampler function gets the image's latent itself
         found: dict[str, Any] = {}
 
         def sampler_function(model_k: Any, x: torch.Tensor, _sigmas: torch.Tensor, extra_args: dict, callback: Any = None, disable: Any = None) -> torch.Tensor:
             base, cond, uncond = sampler_conds(model_k, extra_args)
             options = extra_args["model_options"]
             denoise_cond = lambda x, s: predict_branch(base, cond, COND, x, s, options)  # noqa: E731
-            path = ddim_inversion(x, sigmas, denoise_cond, input_scale(model), tick)
+            if method == FIREFLOW:
+                path = fireflow_inversion(x, sigmas, denoise_cond, tick)
+            else:
+                path = ddim_inversion(x, sigmas, denoise_cond, input_scale(model), tick)
             found["path"] = path
             if method == NULL_TEXT:
                 start = negative[0][0].to(x.device, torch.float32)
                 found["negative"] = start
-                if optimise:
-                    calls.trainable(base)
+                calls.trainable(base)
 
-                    def denoise_uncond(x: torch.Tensor, sigma: float, embedding: torch.Tensor) -> torch.Tensor:
-                        calls.embedding = embedding
-                        try:
-                            return predict_branch(base, uncond, UNCOND, x, sigma, options)
-                        finally:
-                            calls.embedding = None
+                def denoise_uncond(x: torch.Tensor, sigma: float, embedding: torch.Tensor) -> torch.Tensor:
+                    calls.embedding = embedding
+                    try:
+                        return predict_branch(base, uncond, UNCOND, x, sigma, options)
+                    finally:
+                        calls.embedding = None
 
-                    found["embeddings"] = null_text_inversion(
-                        path, sigmas, denoise_cond, denoise_uncond, start, cfg, null_text_iterations, early_stop, input_scale(model), tick
-                    )
-                else:
-                    found["embeddings"] = [start] * steps
+                found["embeddings"] = null_text_inversion(
+                    path, sigmas, denoise_cond, denoise_uncond, start, cfg, null_text_iterations, early_stop, input_scale(model), tick
+                )
             return path[0]
 
         noise = torch.zeros_like(samples)
@@ -297,21 +318,41 @@ class P2PDDIMInvert:
             negative=found.get("negative"),
         )
         out = model.clone()
+        sample_from_given_latent(out)
         if method == NULL_TEXT:
             out.set_model_unet_function_wrapper(NullTextContext(record, model.model_options.get("model_function_wrapper")))
         out.set_model_sampler_post_cfg_function(InversionSteps(record))
-        return {"samples": inverted.to(samples)}, out
+        sampler = comfy.samplers.KSAMPLER(fireflow_sample) if method == FIREFLOW else comfy.samplers.sampler_object("ddim")
+        return {"samples": inverted.to(samples)}, out, sampler
 
     @staticmethod
-    def _check(model: Any, positive: list, negative: list, latent: dict, method: str) -> torch.Tensor:
+    def _check(model: Any, positive: list, negative: list, latent: dict, method: str, cfg: float) -> torch.Tensor:
         if method not in METHODS:
             raise P2PError(INVERT, "method", f"unknown method {method!r}.", f"choose one of {', '.join(METHODS)}.")
-        if not isinstance(model_sampling(model), comfy.model_sampling.EPS):
+        flow = is_flow(model)
+        if not flow and not isinstance(model_sampling(model), comfy.model_sampling.EPS):
             raise P2PError(
                 INVERT,
                 "model",
-                f"{type(model.model).__name__} is not a noise-prediction diffusion model (flow models are not supported).",
-                "load an SD1.x, SD2.x or SDXL checkpoint.",
+                f"{type(model.model).__name__} samples with {type(model_sampling(model)).__name__}, neither a "
+                "noise-prediction diffusion model nor a rectified flow.",
+                "load an SD1.x, SD2.x, SDXL, Flux, SD3.5, Qwen-Image or Chroma checkpoint.",
+            )
+        if method == FIREFLOW and not flow:
+            raise P2PError(
+                INVERT,
+                "method",
+                f"fireflow is a solver for rectified-flow models; {type(model.model).__name__} is a diffusion model.",
+                "choose direct (exact) or null-text for SD1.x, SD2.x and SDXL.",
+            )
+        if method == NULL_TEXT and math.isclose(cfg, 1.0):
+            raise P2PError(
+                INVERT,
+                "cfg",
+                "null-text optimises the sampler's unconditional (negative) branch, and at cfg 1 there is none: "
+                "guidance-distilled models such as Flux.1 dev (guidance from FluxGuidance, cfg 1) and Flux schnell never use one.",
+                "choose method direct (exact at any cfg) or fireflow (flow models); or, for a model sampled with a "
+                "negative prompt, set cfg above 1 here and in the sampler.",
             )
         if find_controller(model) is not None:
             raise P2PError(

@@ -37,11 +37,13 @@ def build(graph: list[dict], node_classes: dict) -> dict:
         specs = [(n, s) for g in ("required", "optional") for n, s in cls.INPUT_TYPES().get(g, {}).items()]
         inputs, widgets = [], []
         for name, spec in specs:
-            is_widget = isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")
+            # A classic combo lists its options as the type; a V3 node's ("COMBO", {"options": [...]}).
+            options = spec[0] if isinstance(spec[0], list) else (spec[1].get("options") if spec[0] == "COMBO" else None)
+            is_widget = options is not None or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")
             if is_widget:
                 default = spec[1].get("default") if len(spec) > 1 else None
-                if isinstance(spec[0], list) and default is None:
-                    default = spec[0][0] if spec[0] else None
+                if options is not None and default is None:
+                    default = options[0] if options else None
                 widgets.append(node.get("widgets", {}).get(name, default))
                 if name in SEED_INPUTS:
                     widgets.append("fixed")
@@ -163,6 +165,62 @@ def real_image_graph(source: str, target: str) -> list[dict]:
     ]
 
 
+FLUX_CHECKPOINT = "flux1-dev-fp8.safetensors"  # Comfy-Org's all-in-one Flux.1 dev (model, CLIP-L + T5, VAE)
+
+
+def flux_real_image_graph(source: str, target: str) -> list[dict]:
+    """The real-image edit on Flux.1 dev: Load Image -> VAE Encode -> P2P DDIM Invert (FireFlow) ->
+    P2P Controller -> SamplerCustom with the inversion's own sampler output (no added noise, cfg 1,
+    FluxGuidance on the prompts, BasicScheduler with the inversion's steps and scheduler)."""
+    steps, scheduler, guidance = 8, "simple", 3.5  # FireFlow's few steps; Flux.1 dev's scheduler and guidance
+    return [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "size": (320, 100), "widgets": {"ckpt_name": FLUX_CHECKPOINT}},
+        {"id": 2, "type": "P2PWordSwap", "pos": (400, 40), "size": (340, 200), "widgets": {"source": source, "target": target}},
+        {"id": 3, "type": "LoadImage", "pos": (20, 400), "size": (320, 320), "widgets": {"image": REAL_IMAGE}},
+        {"id": 4, "type": "VAEEncode", "pos": (400, 760), "size": (220, 50), "in": {"pixels": (3, 0), "vae": (1, 2)}},
+        {"id": 5, "type": "CLIPTextEncode", "pos": (400, 280), "size": (340, 120), "widgets": {"text": source}, "in": {"clip": (1, 1)}},
+        {"id": 6, "type": "CLIPTextEncode", "pos": (400, 600), "size": (340, 120), "widgets": {"text": ""}, "in": {"clip": (1, 1)}},
+        {"id": 7, "type": "FluxGuidance", "pos": (400, 440), "size": (320, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (5, 0)}},
+        {
+            "id": 8,
+            "type": "P2PDDIMInvert",
+            "pos": (780, 400),
+            "size": (340, 300),
+            "widgets": {"steps": steps, "cfg": 1.0, "scheduler": scheduler, "method": "fireflow"},
+            "in": {"model": (1, 0), "positive": (7, 0), "negative": (6, 0), "latent": (4, 0)},
+        },
+        {
+            "id": 11,
+            "type": "P2PController",
+            "pos": (1160, 200),
+            "size": (340, 200),
+            "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
+            "in": {"model": (8, 1), "clip": (1, 1), "p2p_edit": (2, 0), "latent": (8, 0)},
+        },
+        {"id": 12, "type": "FluxGuidance", "pos": (1160, 460), "size": (320, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (11, 1)}},
+        {
+            "id": 9,
+            "type": "BasicScheduler",
+            "pos": (1160, 560),
+            "size": (320, 110),
+            "widgets": {"scheduler": scheduler, "steps": steps, "denoise": 1.0},
+            "in": {"model": (11, 0)},
+        },
+        {
+            "id": 13,
+            "type": "SamplerCustom",
+            "pos": (1540, 200),
+            "size": (320, 330),
+            "widgets": {"add_noise": False, "noise_seed": 0, "cfg": 1.0},
+            "in": {
+                "model": (11, 0), "positive": (12, 0), "negative": (6, 0), "sampler": (8, 2), "sigmas": (9, 0), "latent_image": (11, 2),
+            },
+        },
+        {"id": 14, "type": "VAEDecode", "pos": (1900, 200), "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
+        {"id": 15, "type": "SaveImage", "pos": (2160, 200), "size": (400, 300), "widgets": {"filename_prefix": "p2p_flux_real_image"}, "in": {"images": (14, 0)}},
+    ]
+
+
 def with_model_patch(graph: list[dict], patch: dict) -> list[dict]:
     """``graph`` with ``patch`` (a stock MODEL -> MODEL node) between the checkpoint and the P2P
     Controller, so that the controller receives a model that already carries that patch."""
@@ -243,7 +301,9 @@ WORKFLOWS = {
             "in": {"model": (11, 0), "samples": (13, 0), "images": (14, 0)},
         },
         {"id": 17, "type": "SaveImage", "pos": (1880, 560), "size": (600, 300), "widgets": {"filename_prefix": "p2p_attention_maps"}, "in": {"images": (16, 0)}},
-    ],    "p2p_real_image.json": real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky"),
+    ],
+    "p2p_real_image.json": real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky"),
+    "p2p_flux_real_image.json": flux_real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky"),
     # Stock Self-Attention Guidance already holds an attn1 replace patch in one of P2P's slots.
     "p2p_coexistence.json": with_model_patch(
         edit_graph([swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2),

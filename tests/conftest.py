@@ -119,16 +119,29 @@ def load_tiny_dit(host: comfy_host.Host, tiny_dit_checkpoint):
     return load
 
 
+def dit_kind(workflow: dict) -> str | None:
+    """The tiny DiT kind whose real checkpoint file name a UI-format workflow loads, if any."""
+    kinds = {name: kind for kind, name in tiny_dit_models.REAL_FILE_NAMES.items()}
+    for node in workflow["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple" and node["widgets_values"][0] in kinds:
+            return kinds[node["widgets_values"][0]]
+    return None
+
+
 @pytest.fixture(scope="session")
-def run_workflow(host: comfy_host.Host):
-    """Run a shipped workflow (UI format) unchanged but for the checkpoint file, through the executor."""
+def run_workflow(host: comfy_host.Host, tiny_dit_checkpoint: Any):
+    """Run a shipped workflow (UI format) unchanged but for the checkpoint file, through the executor:
+    a DiT workflow loads the tiny checkpoint of its kind (skips on a host without DiTs), any other
+    the tiny ``kind``."""
 
     def run(name: str, kind: str = "sd15", edit: Any = None) -> dict[str, Any]:
         workflow = json.loads((WORKFLOWS / name).read_text())
+        dit = dit_kind(workflow)
+        checkpoint = tiny_dit_checkpoint(dit).name if dit else tiny_models.tiny_checkpoint_name(kind)
         prompt = workflow_api.to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)
         for node in prompt.values():
             if node["class_type"] in ("CheckpointLoaderSimple", "P2PCheckpointLoader"):
-                node["inputs"]["ckpt_name"] = tiny_models.tiny_checkpoint_name(kind)
+                node["inputs"]["ckpt_name"] = checkpoint
         if edit is not None:
             edit(prompt)
         result = host.execute(prompt)

@@ -1,6 +1,7 @@
 """Running P2P and plain generations on the real host with stock nodes, for mechanism tests."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -101,3 +102,44 @@ def steer_attention(host: Any, model: Any, column: int, gain: float = 12.0) -> A
     steered = model.clone()
     steered.set_model_attn2_patch(patch)
     return steered
+
+
+def image_latent(host: Any, vae: Any, size: int = 64) -> dict:
+    """A smooth synthetic image through the stock VAE Encode: what a user's photo becomes."""
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    image = torch.stack([xs, ys, 0.5 + 0.4 * torch.sin(6 * xs) * torch.cos(4 * ys)], dim=-1)[None]
+    with torch.inference_mode():
+        return host.nodes.VAEEncode().encode(vae, image)[0]
+
+
+def psnr(out: torch.Tensor, original: torch.Tensor) -> float:
+    """Latent-space PSNR against the original latent's own peak (tiny random models' latents are
+    not in the usual range, so no fixed peak would mean anything)."""
+    peak = float(original.abs().max())
+    mse = float((out - original).double().pow(2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
+
+
+def smooth(host: Any, model: Any, weight: float = 0.005, variance: float = 1.0) -> Any:
+    """A clone whose denoiser is a Gaussian posterior mean plus ``weight`` times the tiny model's own
+    correction, through a stock UNet wrapper (which the inversion chains to).
+
+    A trained model's denoiser is smooth in the latent and the noise level; a random-weight model's
+    is not, and no DDIM inversion retraces it (a round trip at cfg 1 gives about -10 dB). This keeps
+    the real UNet or DiT, its conditioning and gradients in every prediction while making the
+    trajectory as well behaved as a trained model's, so PSNRs mean what they mean on real checkpoints.
+    The posterior mean is the model sampling's own: ``x = a * x0 + sigma * eps`` with ``a`` 1 for
+    epsilon and v-prediction models, ``1 - sigma`` for flow models, and ``x0 ~ N(0, variance)``.
+    """
+    sampling = host.pack.nodes.host.model_sampling(model)
+
+    def wrapper(apply_model, args):
+        x = args["input"]
+        sigma = args["timestep"].reshape(-1, *[1] * (x.ndim - 1))  # Qwen-Image latents have a frame axis
+        a = sampling.noise_scaling(sigma, torch.zeros_like(x), torch.ones_like(x))
+        prior = x * (a * variance / (a * a * variance + sigma**2))
+        return prior + weight * (apply_model(x, args["timestep"], **args["c"]) - x)
+
+    clone = model.clone()
+    clone.set_model_unet_function_wrapper(wrapper)
+    return clone

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from p2p_helpers import assert_same, edits, steer_attention, swap
+from p2p_helpers import assert_same, edits, image_latent, psnr, smooth, steer_attention, swap
 
 PROMPT = "a photo of a cat riding a bicycle"
 TARGET = "a photo of a dog riding a bicycle"
@@ -16,23 +16,16 @@ NEGATIVE = "a photo of a cat"
 SCHEDULER = "ddim_uniform"
 
 
-def image_latent(host, vae, size: int = 64) -> dict:
-    """A smooth synthetic image through the stock VAE Encode: what a user's photo becomes."""
-    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    image = torch.stack([xs, ys, 0.5 + 0.4 * torch.sin(6 * xs) * torch.cos(4 * ys)], dim=-1)[None]
-    with torch.inference_mode():
-        return host.nodes.VAEEncode().encode(vae, image)[0]
-
-
 def conditioning(host, clip, text: str) -> list:
     with torch.inference_mode():
         return host.nodes.CLIPTextEncode().encode(clip, text)[0]
 
 
 def invert(host, model, clip, latent, method, steps=STEPS, cfg=7.5, scheduler=SCHEDULER, iterations=10, negative=NEGATIVE, early_stop=0.0):
+    """(inverted latent, patched model) from P2P DDIM Invert (its sampler output is the ddim sampler here)."""
     node = host.pack.NODE_CLASS_MAPPINGS["P2PDDIMInvert"]()
     with torch.inference_mode():
-        return node.invert(model, conditioning(host, clip, PROMPT), conditioning(host, clip, negative), latent, steps, cfg, scheduler, method, iterations, early_stop)
+        return node.invert(model, conditioning(host, clip, PROMPT), conditioning(host, clip, negative), latent, steps, cfg, scheduler, method, iterations, early_stop)[:2]
 
 
 def sample_back(host, model, clip, latent, edit=None, steps=STEPS, cfg=7.5, scheduler=SCHEDULER, sampler="ddim", add_noise="disable", start=0, negative=NEGATIVE, models=None):
@@ -49,33 +42,6 @@ def sample_back(host, model, clip, latent, edit=None, steps=STEPS, cfg=7.5, sche
     return out["samples"]
 
 
-def psnr(out: torch.Tensor, original: torch.Tensor) -> float:
-    """Latent-space PSNR against the original latent's own peak (tiny random models' latents are
-    not in the usual range, so no fixed peak would mean anything)."""
-    peak = float(original.abs().max())
-    mse = float((out - original).double().pow(2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
-
-
-def smooth(model, weight: float = 0.005, variance: float = 1.0):
-    """A clone whose denoiser is a Gaussian posterior mean plus ``weight`` times the tiny UNet's own
-    correction, through a stock UNet wrapper (which the inversion chains to).
-
-    A trained model's denoiser is smooth in the latent and the noise level; a random-weight UNet's
-    is not, and no DDIM inversion retraces it (a round trip at cfg 1 gives about -10 dB). This keeps
-    the real UNet, its conditioning and gradients in every prediction while making the trajectory
-    as well behaved as a trained model's, so PSNRs mean what they mean on real checkpoints.
-    """
-
-    def wrapper(apply_model, args):
-        x, sigma = args["input"], args["timestep"].reshape(-1, 1, 1, 1)
-        return x * (variance / (variance + sigma**2)) + weight * (apply_model(x, args["timestep"], **args["c"]) - x)
-
-    clone = model.clone()
-    clone.set_model_unet_function_wrapper(wrapper)
-    return clone
-
-
 @pytest.fixture(scope="module")
 def tiny(host, load_tiny):
     """(smoothed model, clip, the image's latent) per kind."""
@@ -84,7 +50,7 @@ def tiny(host, load_tiny):
     def load(kind: str = "sd15") -> tuple:
         if kind not in cache:
             model, clip, vae = load_tiny(kind)
-            cache[kind] = smooth(model), clip, image_latent(host, vae)
+            cache[kind] = smooth(host, model), clip, image_latent(host, vae)
         return cache[kind]
 
     return load
@@ -263,3 +229,9 @@ def test_bad_inputs(host, tiny):
     edited = host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(model, clip, swap(host, PROMPT, TARGET), latent, 0.8, 0.4)[0]
     with pytest.raises(P2PError, match="already carries"):
         invert(host, edited, clip, latent, "direct")
+    with pytest.raises(P2PError, match="rectified-flow") as error:
+        invert(host, model, clip, latent, "fireflow")
+    assert error.value.input_name == "method"
+    with pytest.raises(P2PError, match="at cfg 1 there is none") as error:  # nothing to optimise
+        invert(host, model, clip, latent, "null-text", cfg=1.0)
+    assert error.value.input_name == "cfg"

@@ -18,21 +18,22 @@ IMAGES = {
     "p2p_local_blend.json": 3,  # source, edit, the edit's blend mask
     "p2p_attention_maps.json": 4,  # source, edit, a maps grid for each
     "p2p_real_image.json": 2,  # the reconstructed image, the edit
+    "p2p_flux_real_image.json": 2,  # the same on Flux.1 dev (FireFlow; skipped on hosts without Flux)
     "p2p_coexistence.json": 2,  # Self-Attention Guidance and P2P on one model
 }
 
 
 def fewer_steps(prompt: dict) -> None:
-    """The real-image workflow ships the paper's 50 steps of null-text; 3 steps and 1 iteration
-    run the same graph in seconds (the sampler must match the inversion: both change)."""
+    """The real-image workflows ship 50 steps of null-text (SD) and 8 of FireFlow (Flux); 3 steps and
+    1 iteration run the same graphs in seconds (the sampler must match the inversion: both change)."""
     for node in prompt.values():
-        if node["class_type"] in ("P2PDDIMInvert", "KSamplerAdvanced"):
+        if node["class_type"] in ("P2PDDIMInvert", "KSamplerAdvanced", "BasicScheduler"):
             node["inputs"]["steps"] = 3
         if node["class_type"] == "P2PDDIMInvert":
             node["inputs"]["null_text_iterations"] = 1
 
 
-EDITS = {"p2p_real_image.json": fewer_steps}
+EDITS = {"p2p_real_image.json": fewer_steps, "p2p_flux_real_image.json": fewer_steps}
 
 
 def test_every_workflow_is_listed():
@@ -43,7 +44,7 @@ def test_every_workflow_is_listed():
 def test_workflow_runs_through_the_executor(host, run_workflow, name):
     workflow = json.loads((WORKFLOWS / name).read_text())
     types = {n["type"] for n in workflow["nodes"]}
-    assert types >= {"P2PController", "SaveImage"} and types & {"KSampler", "KSamplerAdvanced"}
+    assert types >= {"P2PController", "SaveImage"} and types & {"KSampler", "KSamplerAdvanced", "SamplerCustom"}
     for node in workflow["nodes"]:
         if node["type"] == "LoadImage":  # images a workflow loads ship beside it
             shutil.copy(WORKFLOWS / node["widgets_values"][0], host.folder_paths.get_input_directory())

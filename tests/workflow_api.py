@@ -12,7 +12,7 @@ from typing import Any
 
 MUTED, BYPASSED = 2, 4
 VIRTUAL = {"Reroute", "PrimitiveNode", "Note", "MarkdownNote"}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # COMBO: a V3 node's combo, its options in the spec
 SEED_INPUTS = {"seed", "noise_seed"}
 
 

@@ -189,7 +189,7 @@ def p2p_real(host: Any, world: tuple, edit: Edit, p2p_edit: Any, picture: np.nda
     pixels = torch.from_numpy(picture).float()[None] / 255.0
     latent = host.nodes.VAEEncode().encode(vae, pixels)[0]
     negative = encode(host, clip, NEGATIVE)
-    inverted, inverted_model = host.pack.NODE_CLASS_MAPPINGS["P2PDDIMInvert"]().invert(
+    inverted, inverted_model, _ = host.pack.NODE_CLASS_MAPPINGS["P2PDDIMInvert"]().invert(
         model, encode(host, clip, ws.caption(edit.source)), negative, latent, settings.steps, settings.cfg, settings.scheduler,
         method, settings.null_text_iterations)
     patched, positive, batch = host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(
