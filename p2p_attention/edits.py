@@ -63,6 +63,15 @@ def add_target(
 ) -> P2PEdit:
     """A Word Swap or Refine target from ``source``, appended to ``edit`` when one is plugged in."""
     source, target = _prompt(source, node, "source"), _prompt(target, node, "target")
+    # A source that differs from the chain's is the first mistake: the target was written against it.
+    if edit is not None and edit.source != source:
+        raise P2PError(
+            node,
+            "source",
+            f"the incoming P2P_EDIT's source is {edit.source!r}, this node's is {source!r}; "
+            "all targets of one controller are edits of one source.",
+            "use the same source text in every chained edit node.",
+        )
     source_count, target_count = len(words(source)), len(words(target))
     if alignment == WORD_SWAP and source_count != target_count:
         raise P2PError(
@@ -71,14 +80,6 @@ def add_target(
             f"the source has {source_count} words and the target {target!r} has {target_count}; Word Swap "
             "replaces words one for one (a word is what is typed between spaces).",
             "change only words (e.g. 'cat' -> 'dog'), or use P2P Refine to add or remove words.",
-        )
-    if edit is not None and edit.source != source:
-        raise P2PError(
-            node,
-            "source",
-            f"the incoming P2P_EDIT's source is {edit.source!r}, this node's is {source!r}; "
-            "all targets of one controller are edits of one source.",
-            "use the same source text in every chained edit node.",
         )
     new = TargetEdit(prompt=target, alignment=alignment, node=node)
     if edit is None:

@@ -123,7 +123,7 @@ def chained_swaps_prompt(second_target: str) -> dict:
 @pytest.mark.parametrize(
     "second_target, failing_node, match",
     [
-        ("a photo of a big dog riding a bicycle", "3", r"\[P2P Word Swap #3 › target\] .*'a photo of a big dog riding a bicycle' has 8"),
+        ("a photo of a big dog riding a bicycle", "3", r"\[P2P Word Swap #3 › target\] .*'a photo of a big dog riding a bicycle' has 9"),
         ("a photo of a embedding:nosuchemb riding a bicycle", "5",
          r"\[P2P Word Swap #3 › target\] the embedding 'embedding:nosuchemb' in 'a photo of a embedding:nosuchemb riding a bicycle' was not found"),
     ],
