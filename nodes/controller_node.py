@@ -10,6 +10,7 @@ from ..p2p_attention.columns import Columns
 from ..p2p_attention.controller import CONTROLLER, DEFAULT_SELF_REPLACE, SELF_REPLACE_DOWNSCALES, P2PController as Controller, build_plan
 from ..p2p_attention.edits import P2PEdit, parse_word_values
 from ..p2p_attention.errors import P2PError
+from ..p2p_attention.ranges import FRACTION
 from .patch import install, layout_of, model_family, percent_to_sigma
 from .tokenize import encode_prompt
 
@@ -56,7 +57,7 @@ def shared_noise_latent(latent: dict, images: int) -> dict:
 
 
 def _fraction(name: str, tooltip: str, default: float) -> tuple:
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip})
+    return ("FLOAT", {"default": default, **FRACTION.widget(), "step": 0.01, "tooltip": tooltip})
 
 
 class P2PController:
@@ -140,10 +141,9 @@ class P2PController:
             raise P2PError(CONTROLLER, "clip", "no CLIP is connected.", "connect the checkpoint loader's CLIP output.")
         if not isinstance(p2p_edit, P2PEdit):
             raise P2PError(CONTROLLER, "p2p_edit", "this input is not a P2P edit.", "connect P2P Word Swap, Refine or Reweight.")
-        words = parse_word_values(cross_replace_words, cross_replace_steps, CONTROLLER, "cross_replace_words") if cross_replace_words.strip() else []
-        for word, fraction in words:
-            if not 0.0 <= fraction <= 1.0:
-                raise P2PError(CONTROLLER, "cross_replace_words", f"{word!r}: {fraction} is outside 0..1.", "use fractions of the schedule between 0 and 1.")
+        cross_replace_steps = FRACTION.check(cross_replace_steps, CONTROLLER, "cross_replace_steps")
+        self_replace_steps = FRACTION.check(self_replace_steps, CONTROLLER, "self_replace_steps")
+        words = parse_word_values(cross_replace_words, cross_replace_steps, CONTROLLER, "cross_replace_words", FRACTION) if cross_replace_words.strip() else []
         if self_replace_resolution not in SELF_REPLACE_DOWNSCALES:
             raise P2PError(CONTROLLER, "self_replace_resolution", f"{self_replace_resolution!r} is not one of {list(SELF_REPLACE_DOWNSCALES)}.",
                            "pick one of the listed choices.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from functools import partial
 
 from ..p2p_attention import edits
+from ..p2p_attention.ranges import REWEIGHT_SCALE
 from .tokenize import typed_words
 
 # ComfyUI passes the node's id: messages name "P2P Word Swap #12", so chained nodes are told apart.
@@ -111,8 +112,7 @@ class P2PReweight:
                     "FLOAT",
                     {
                         "default": 2.0,
-                        "min": -10.0,
-                        "max": 10.0,
+                        **REWEIGHT_SCALE.widget(),
                         "step": 0.1,
                         "tooltip": "Factor on the attention to the words: >1 strengthens, <1 weakens, 0 removes, <0 inverts.",
                     },

@@ -19,6 +19,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..p2p_attention.errors import P2PError
+from ..p2p_attention.ranges import Range
 from ..p2p_attention.inversion import (
     DIRECT,
     INVERT,
@@ -31,6 +32,10 @@ from ..p2p_attention.inversion import (
 )
 from .host import COND, UNCOND, input_scale, model_sampling, post_cfg_scale, predict_branch, sampler_conds, schedule
 from .patch import find_controller
+
+# The numeric inputs' ranges: the widgets' min / max and the check in ``invert``.
+STEPS, CFG = Range(1, 1000, integer=True), Range(0.0, 100.0)
+ITERATIONS, EARLY_STOP = Range(1, 100, integer=True), Range(0.0, 1.0)
 
 def _tiled(embedding: torch.Tensor, rows: int, tokens: int) -> torch.Tensor | None:
     """``embedding`` ``[1, T0, C]`` as ``rows`` rows of ``tokens`` columns, repeated as ComfyUI pads
@@ -199,12 +204,12 @@ class P2PDDIMInvert:
                     "(the paper: an empty prompt) and replaces it per step.",
                 ),
                 "latent": _tooltip("LATENT", "The image's latent from VAE Encode (batch 1)."),
-                "steps": _tooltip("INT", "Sampling steps; the sampler must use the same. The paper uses 50.", default=50, min=1, max=1000),
+                "steps": _tooltip("INT", "Sampling steps; the sampler must use the same. The paper uses 50.", default=50, **STEPS.widget()),
                 "cfg": _tooltip(
                     "FLOAT",
                     "The sampler's cfg. Null-text optimises for it and the sampler must use the same; "
                     "direct and ddim inversion do not depend on it.",
-                    default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                    default=7.5, **CFG.widget(), step=0.1, round=0.01,
                 ),
                 "scheduler": _tooltip(
                     comfy.samplers.KSampler.SCHEDULERS,
@@ -219,12 +224,12 @@ class P2PDDIMInvert:
                     default=NULL_TEXT,
                 ),
                 "null_text_iterations": _tooltip(
-                    "INT", "Null-text: Adam iterations per step at most (the paper: 10).", default=10, min=1, max=100
+                    "INT", "Null-text: Adam iterations per step at most (the paper: 10).", default=10, **ITERATIONS.widget()
                 ),
                 "early_stop": _tooltip(
                     "FLOAT",
                     "Null-text: a step stops early when its loss is below this plus 2e-5 per step of 50 (the paper: 1e-5).",
-                    default=1e-5, min=0.0, max=1.0, step=1e-6, round=False,
+                    default=1e-5, **EARLY_STOP.widget(), step=1e-6, round=False,
                 ),
             }
         }
@@ -242,6 +247,9 @@ class P2PDDIMInvert:
         null_text_iterations: int = 10,
         early_stop: float = 1e-5,
     ) -> tuple:
+        steps, cfg = STEPS.check(steps, INVERT, "steps"), CFG.check(cfg, INVERT, "cfg")
+        null_text_iterations = ITERATIONS.check(null_text_iterations, INVERT, "null_text_iterations")
+        early_stop = EARLY_STOP.check(early_stop, INVERT, "early_stop")
         samples = self._check(model, positive, negative, latent, method)
         sigmas = schedule(model, scheduler, steps)
         optimise = method == NULL_TEXT and not math.isclose(cfg, 1.0)  # at cfg 1 the negative has no effect
