@@ -11,18 +11,19 @@ from ..p2p_attention.controller import CONTROLLER, DEFAULT_SELF_REPLACE, SELF_RE
 from ..p2p_attention.edits import P2PEdit, parse_word_values
 from ..p2p_attention.errors import P2PError
 from ..p2p_attention.ranges import FRACTION
-from .patch import install, layout_of, model_family, percent_to_sigma
+from .invert_node import check_inverted_latent
+from .patch import CONDITIONING_KEY, install, layout_of, model_family, percent_to_sigma
 from .tokenize import encode_prompt
 
 
-def batched_conditioning(conds: list[torch.Tensor], extras: list[dict], columns: list[Columns]) -> list:
+def batched_conditioning(conds: list[torch.Tensor], extras: list[dict], columns: list[Columns], key: str) -> list:
     """One CONDITIONING whose batch rows are the prompts, in order: ComfyUI gives latent row i the
     conditioning row i. Each prompt's columns are placed as ``columns`` says (repeated to a common
     length for UNets, padded for DiTs: see p2p_attention/columns.py).
 
     Of the encoders' other outputs the pooled vectors are batched; T5 / Qwen attention masks are left
     out, as the supported models do not use them for the text's keys (the controller masks its own
-    padding).
+    padding). ``key`` marks the conditioning as the controller's (the sampler's hook checks it).
     """
     rows = []
     for cond, placed in zip(conds, columns):
@@ -31,7 +32,7 @@ def batched_conditioning(conds: list[torch.Tensor], extras: list[dict], columns:
         rows.append(row)
     pooled = [e.get("pooled_output") for e in extras]
     # Present even where the encoder has none (Chroma's T5), as CLIP Text Encode gives it.
-    batched = {"pooled_output": torch.cat(pooled) if all(p is not None for p in pooled) else None}
+    batched = {"pooled_output": torch.cat(pooled) if all(p is not None for p in pooled) else None, CONDITIONING_KEY: key}
     return [[torch.cat(rows), batched]]
 
 
@@ -147,6 +148,7 @@ class P2PController:
         if self_replace_resolution not in SELF_REPLACE_DOWNSCALES:
             raise P2PError(CONTROLLER, "self_replace_resolution", f"{self_replace_resolution!r} is not one of {list(SELF_REPLACE_DOWNSCALES)}.",
                            "pick one of the listed choices.")
+        check_inverted_latent(model, latent)
         layout = layout_of(model_family(model))
         prompts = [p2p_edit.source] + [t.prompt for t in p2p_edit.targets]
         encoded = {text: encode_prompt(clip, text) for text in prompts}
@@ -155,5 +157,5 @@ class P2PController:
         controller = Controller(plan, percent_to_sigma(model), layout)
         width = controller.columns_width or math.lcm(*(len(encoded[t][0]) for t in prompts))
         columns = controller.prompt_columns(width)
-        positive = batched_conditioning([encoded[t][1] for t in prompts], [encoded[t][2] for t in prompts], columns)
+        positive = batched_conditioning([encoded[t][1] for t in prompts], [encoded[t][2] for t in prompts], columns, controller.key)
         return install(model, controller), positive, shared_noise_latent(latent, controller.images)

@@ -18,6 +18,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
+from ..p2p_attention.controller import CONTROLLER
 from ..p2p_attention.errors import P2PError
 from ..p2p_attention.ranges import Range
 from ..p2p_attention.inversion import (
@@ -33,6 +34,7 @@ from ..p2p_attention.inversion import (
 from .host import COND, UNCOND, input_scale, model_sampling, post_cfg_scale, predict_branch, sampler_conds, schedule
 from .patch import find_controller
 
+INVERSION_KEY = "p2p_inversion"  # entry of the inverted LATENT: its inversion, for the controller's check
 # The numeric inputs' ranges: the widgets' min / max and the check in ``invert``.
 STEPS, CFG = Range(1, 1000, integer=True), Range(0.0, 100.0)
 ITERATIONS, EARLY_STOP = Range(1, 100, integer=True), Range(0.0, 1.0)
@@ -166,6 +168,23 @@ class InversionSteps:
             cfg = recovered_cfg(denoised, args["cond_denoised"], args["uncond_denoised"])
         step = self.inverted.check(x, float(args["sigma"].max()), cfg)
         return self.inverted.correct(denoised, x, step)
+
+
+def check_inverted_latent(model: Any, latent: dict) -> None:
+    """An inverted latent is sampled back only by the model its inversion returned: with another
+    model the inversion's per-step data is silently ignored and the source is not the photo."""
+    record = latent.get(INVERSION_KEY)
+    if record is None:
+        return
+    hooks = model.model_options.get("sampler_post_cfg_function", [])
+    if not any(isinstance(hook, InversionSteps) and hook.inverted is record for hook in hooks):
+        raise P2PError(
+            CONTROLLER,
+            "model",
+            "the latent comes from P2P DDIM Invert, but this model is not that node's model output, "
+            "so the inversion would be ignored and the source image would not be the inverted photo.",
+            "connect P2P DDIM Invert's model output to the P2P Controller's model input.",
+        )
 
 
 def _tooltip(kind: str, tooltip: str, **options: Any) -> tuple:
@@ -308,7 +327,7 @@ class P2PDDIMInvert:
         if method == NULL_TEXT:
             out.set_model_unet_function_wrapper(NullTextContext(record, model.model_options.get("model_function_wrapper")))
         out.set_model_sampler_post_cfg_function(InversionSteps(record))
-        return {"samples": inverted.to(samples)}, out
+        return {"samples": inverted.to(samples), INVERSION_KEY: record}, out
 
     @staticmethod
     def _check(model: Any, positive: list, negative: list, latent: dict, method: str) -> torch.Tensor:

@@ -253,8 +253,18 @@ def _with_key_mask(mask: torch.Tensor | None, key_mask: torch.Tensor | None) -> 
     return mask.to(key_mask.dtype) + key_mask
 
 
+CONDITIONING_KEY = "p2p_controller"  # entry of the controller's CONDITIONING: the controller's key
+
+
+def made_by(controller: P2PController, conds: list[dict] | None) -> bool:
+    """Whether every entry of a sampler's (processed) conditioning came from ``controller``'s
+    positive output; ComfyUI copies the entries' dicts, keeping their keys, on the way."""
+    return bool(conds) and all(c.get(CONDITIONING_KEY) == controller.key for c in conds)
+
+
 class AfterCFG:
-    """The controller's post-CFG hook (local blend, the run's result); shared by clones like the patches."""
+    """The controller's post-CFG hook (wiring checks, local blend, the run's result); shared by
+    clones like the patches."""
 
     def __init__(self, controller: P2PController) -> None:
         self.controller = controller
@@ -263,7 +273,15 @@ class AfterCFG:
         return self
 
     def __call__(self, args: dict) -> torch.Tensor:
-        return self.controller.after_cfg(args["denoised"], float(args["sigma"].max()))
+        if not made_by(self.controller, args.get("cond")):
+            raise P2PError(
+                CONTROLLER,
+                "positive",
+                "the sampler's positive is not this controller's positive output (e.g. a plain CLIP Text Encode), "
+                "so every image would be the source prompt's and the edit would do nothing.",
+                "connect the P2P Controller's positive output to the sampler's positive input (any negative prompt).",
+            )
+        return self.controller.after_cfg(args["denoised"], float(args["sigma"].max()), args.get("input"))
 
 
 def find_controller(model: Any) -> P2PController | None:
