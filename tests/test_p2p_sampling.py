@@ -159,3 +159,19 @@ def test_half_precision_gives_finite_images(host, dtype):
     out = sample(host, patched, clip, positive, latent, steps=3)
     assert torch.isfinite(out).all()
     assert out.abs().max() > 0
+
+
+def test_the_shared_noise_sampler_stays_inside_its_noise_interval(host, load_tiny):
+    """torchsde warned 'Should have tb<=t1' at the first step: its tree rounded its end below the first sigma."""
+    import warnings
+
+    model, clip, _ = load_tiny("sd15")
+    patched, positive, latent = p2p(host, model, clip, swap(host, PROMPT, TARGET))
+    nodes = host.nodes.NODE_CLASS_MAPPINGS
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        negative = host.nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+        shared = host.pack.NODE_CLASS_MAPPINGS["P2PSampler"]().wrap(nodes["KSamplerSelect"]().get_sampler("euler_ancestral")[0])[0]
+        sigmas = nodes["BasicScheduler"]().get_sigmas(patched, "karras", 3, 1.0)[0]
+        nodes["SamplerCustom"]().sample(patched, True, 5, 7.0, positive, negative, shared, sigmas, latent)
+    assert not [str(w.message) for w in caught if "Should have" in str(w.message)]
