@@ -93,14 +93,20 @@ def percent_to_sigma(model: Any) -> Callable[[float], float]:
     return model_sampling(model).percent_to_sigma
 
 
-def map_geometry(original_shape: list[int], queries: int) -> tuple[int, tuple[int, int]]:
-    """How much smaller than the latent this layer's attention map is (1, 2, 4, ...), and its size."""
-    height, width = original_shape[-2:]
+def map_geometry(extra_options: dict, queries: int) -> tuple[int, tuple[int, int]] | None:
+    """How much smaller than the latent this layer's attention map is (1, 2, 4, ...), and its size;
+    None when the queries are not the layer's cells, one each: a patch before this one merged them
+    (Token Merging) or cut them into tiles (HyperTile). Current ComfyUI gives the layer's size
+    (``activations_shape``); the 2024 host only the latent's, from which the size is inferred."""
+    layer = extra_options.get("activations_shape")
+    if layer is not None and layer[-2] * layer[-1] != queries:
+        return None
+    height, width = extra_options["original_shape"][-2:]
     for downscale in (1, 2, 4, 8, 16, 32, 64):
         size = (math.ceil(height / downscale), math.ceil(width / downscale))
         if size[0] * size[1] == queries:
             return downscale, size
-    raise RuntimeError(f"{queries} attention queries match no downscale of a {height}x{width} latent")
+    return None
 
 
 class AttentionPatch:
@@ -121,13 +127,39 @@ class AttentionPatch:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
-        downscale, map_size = map_geometry(extra_options["original_shape"], q.shape[1])
-        queries = slice(0, q.shape[1])
+        geometry = map_geometry(extra_options, q.shape[1])
+        chunks = tuple(c == 0 for c in extra_options["cond_or_uncond"])
         cross = self.kind == "attn2"
+
+        def through(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if self.previous is not None:
+                return self.previous(q, k, v, extra_options)
+            return optimized_attention(q, k, v, heads)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+            return through(merge_heads(q), merge_heads(k), merge_heads(v))  # free for the unedited views
+
+        altered = geometry is None or q.shape[1] != k.shape[1] or q.shape[0] != len(chunks) * self.controller.images
+        if not cross and altered:
+            # Merged or tiled self-attention (Token Merging merges the queries, HyperTile cuts the
+            # images into tiles of the batch) is left to its patch: its rows are no longer the
+            # images' cells, so the source's layout cannot be copied there.
+            return through(q, k, v)
+        if geometry is None:
+            height, width = extra_options["original_shape"][-2:]
+            raise P2PError(
+                CONTROLLER,
+                "model",
+                f"a patch on this model changes the tokens of its cross-attention ({q.shape[1]} queries fit no map of the "
+                f"{height}x{width} latent), so the words' maps cannot be placed.",
+                "remove that patch from the model given to the P2P Controller.",
+            )
+        downscale, map_size = geometry
+        queries = slice(0, q.shape[1])
         call = AttentionCall(
             heads=heads,
             sigma=float(extra_options["sigmas"].max()),
-            chunks=tuple(c == 0 for c in extra_options["cond_or_uncond"]),
+            chunks=chunks,
             downscale=downscale,
             map_size=map_size,
             queries=queries,
@@ -135,13 +167,6 @@ class AttentionPatch:
             image_keys=None if cross else slice(0, k.shape[1]),
             site=self.site,
         )
-
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-            q, k, v = merge_heads(q), merge_heads(k), merge_heads(v)  # free for the unedited views
-            if self.previous is not None:
-                return self.previous(q, k, v, extra_options)
-            return optimized_attention(q, k, v, heads)
-
         return self.controller.attention(heads_first(q, heads), heads_first(k, heads), heads_first(v, heads), call, attend)
 
 
