@@ -111,7 +111,7 @@ class P2PController:
                     {
                         "multiline": False,
                         "default": "",
-                        "tooltip": "Per-word cross_replace_steps for words of the target prompts, e.g. "
+                        "tooltip": "Per-word cross_replace_steps (0 to 1) for words of the target prompts, e.g. "
                         "'lasagne: 0.2, pizza: 0.5' (the paper's dictionary form).",
                     },
                 ),

@@ -100,6 +100,18 @@ def test_numbers_typed_in_text_are_checked_like_the_widget(host, valid_calls, no
         call(host, node_type, {**valid_calls[node_type], input_name: text})
 
 
+@pytest.mark.parametrize("node_type, input_name, kwargs", [
+    ("P2PWordSwap", "target", dict(source=PROMPT, target="a photo of a (dog:nan) riding a bicycle")),
+    ("P2PRefine", "source", dict(source="a photo of a (cat:1e30) riding a bicycle", target=TARGET)),
+    ("P2PReweight", "prompt", dict(words="cat", scale=2.0, prompt="a photo of a ((cat:inf)) riding a bicycle")),
+])
+def test_prompt_weights_are_finite(host, node_type, input_name, kwargs):
+    """ComfyUI reads '(dog:nan)' as a NaN weight: a NaN conditioning and a black image."""
+    label = re.escape(host.pack.NODE_DISPLAY_NAME_MAPPINGS[node_type])
+    with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=rf"^\[{label} › {input_name}\] the weight of '(dog|cat)': "):
+        call(host, node_type, kwargs)
+
+
 def test_a_nan_mask_is_rejected(host, valid_calls):
     mask = torch.full((1, 64, 64), math.nan)
     with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=r"^\[P2P Local Blend › mask\] .* not finite"):
