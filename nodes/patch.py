@@ -139,8 +139,7 @@ class AttentionPatch:
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
             return through(merge_heads(q), merge_heads(k), merge_heads(v))  # free for the unedited views
 
-        altered = geometry is None or q.shape[1] != k.shape[1] or q.shape[0] != len(chunks) * self.controller.images
-        if not cross and altered:
+        if not cross and (geometry is None or q.shape[1] != k.shape[1] or q.shape[0] != len(chunks) * self.controller.images):
             # Merged or tiled self-attention (Token Merging merges the queries, HyperTile cuts the
             # images into tiles of the batch) is left to its patch: its rows are no longer the
             # images' cells, so the source's layout cannot be copied there.
