@@ -161,7 +161,8 @@ def test_half_precision_gives_finite_images(host, dtype):
     assert out.abs().max() > 0
 
 
-def test_the_shared_noise_sampler_stays_inside_its_noise_interval(host, load_tiny):
+@pytest.mark.parametrize("sampler", ("euler_ancestral", "dpmpp_sde"))
+def test_the_shared_noise_sampler_stays_inside_its_noise_interval(host, load_tiny, sampler):
     """torchsde warned 'Should have tb<=t1' at the first step: its tree rounded its end below the first sigma."""
     import warnings
 
@@ -171,7 +172,7 @@ def test_the_shared_noise_sampler_stays_inside_its_noise_interval(host, load_tin
     with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         negative = host.nodes.CLIPTextEncode().encode(clip, "blurry")[0]
-        shared = host.pack.NODE_CLASS_MAPPINGS["P2PSampler"]().wrap(nodes["KSamplerSelect"]().get_sampler("euler_ancestral")[0])[0]
+        shared = host.pack.NODE_CLASS_MAPPINGS["P2PSampler"]().wrap(nodes["KSamplerSelect"]().get_sampler(sampler)[0])[0]
         sigmas = nodes["BasicScheduler"]().get_sigmas(patched, "karras", 3, 1.0)[0]
         nodes["SamplerCustom"]().sample(patched, True, 5, 7.0, positive, negative, shared, sigmas, latent)
     assert not [str(w.message) for w in caught if "Should have" in str(w.message)]
