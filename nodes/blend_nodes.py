@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ..p2p_attention import edits
 from ..p2p_attention.errors import P2PError
+from ..p2p_attention.ranges import FRACTION
 from .edit_nodes import HIDDEN, node_label, parsed_words
 from .patch import installed_controller
 
@@ -48,14 +49,13 @@ class P2PLocalBlend:
                 "subtract_words": _words("", "Optional words whose region is cut out of the mask and kept from the source (e.g. 'bicycle')."),
                 "threshold": (
                     "FLOAT",
-                    {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Normalised attention above which a pixel is in the region: lower grows the region. The paper uses 0.3."},
+                    {"default": 0.3, **FRACTION.widget(), "step": 0.01, "tooltip": "Normalised attention above which a pixel is in the region: lower grows the region. The paper uses 0.3."},
                 ),
                 "start_blend": (
                     "FLOAT",
                     {
                         "default": 0.2,
-                        "min": 0.0,
-                        "max": 1.0,
+                        **FRACTION.widget(),
                         "step": 0.01,
                         "tooltip": "Fraction of the schedule after which the blend applies (the first steps settle the maps). The paper uses 0.2.",
                     },

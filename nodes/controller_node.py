@@ -10,18 +10,20 @@ from ..p2p_attention.columns import Columns
 from ..p2p_attention.controller import CONTROLLER, DEFAULT_SELF_REPLACE, SELF_REPLACE_DOWNSCALES, P2PController as Controller, build_plan
 from ..p2p_attention.edits import P2PEdit, parse_word_values
 from ..p2p_attention.errors import P2PError
-from .patch import install, layout_of, model_family, percent_to_sigma
+from ..p2p_attention.ranges import FRACTION
+from .invert_node import check_inverted_latent
+from .patch import CONDITIONING_KEY, install, layout_of, model_family, percent_to_sigma
 from .tokenize import encode_prompt
 
 
-def batched_conditioning(conds: list[torch.Tensor], extras: list[dict], columns: list[Columns]) -> list:
+def batched_conditioning(conds: list[torch.Tensor], extras: list[dict], columns: list[Columns], key: str) -> list:
     """One CONDITIONING whose batch rows are the prompts, in order: ComfyUI gives latent row i the
     conditioning row i. Each prompt's columns are placed as ``columns`` says (repeated to a common
     length for UNets, padded for DiTs: see p2p_attention/columns.py).
 
     Of the encoders' other outputs the pooled vectors are batched; T5 / Qwen attention masks are left
     out, as the supported models do not use them for the text's keys (the controller masks its own
-    padding).
+    padding). ``key`` marks the conditioning as the controller's (the sampler's hook checks it).
     """
     rows = []
     for cond, placed in zip(conds, columns):
@@ -30,7 +32,7 @@ def batched_conditioning(conds: list[torch.Tensor], extras: list[dict], columns:
         rows.append(row)
     pooled = [e.get("pooled_output") for e in extras]
     # Present even where the encoder has none (Chroma's T5), as CLIP Text Encode gives it.
-    batched = {"pooled_output": torch.cat(pooled) if all(p is not None for p in pooled) else None}
+    batched = {"pooled_output": torch.cat(pooled) if all(p is not None for p in pooled) else None, CONDITIONING_KEY: key}
     return [[torch.cat(rows), batched]]
 
 
@@ -56,7 +58,7 @@ def shared_noise_latent(latent: dict, images: int) -> dict:
 
 
 def _fraction(name: str, tooltip: str, default: float) -> tuple:
-    return ("FLOAT", {"default": default, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip})
+    return ("FLOAT", {"default": default, **FRACTION.widget(), "step": 0.01, "tooltip": tooltip})
 
 
 class P2PController:
@@ -109,7 +111,7 @@ class P2PController:
                     {
                         "multiline": False,
                         "default": "",
-                        "tooltip": "Per-word cross_replace_steps for words of the target prompts, e.g. "
+                        "tooltip": "Per-word cross_replace_steps (0 to 1) for words of the target prompts, e.g. "
                         "'lasagne: 0.2, pizza: 0.5' (the paper's dictionary form).",
                     },
                 ),
@@ -140,13 +142,13 @@ class P2PController:
             raise P2PError(CONTROLLER, "clip", "no CLIP is connected.", "connect the checkpoint loader's CLIP output.")
         if not isinstance(p2p_edit, P2PEdit):
             raise P2PError(CONTROLLER, "p2p_edit", "this input is not a P2P edit.", "connect P2P Word Swap, Refine or Reweight.")
-        words = parse_word_values(cross_replace_words, cross_replace_steps, CONTROLLER, "cross_replace_words") if cross_replace_words.strip() else []
-        for word, fraction in words:
-            if not 0.0 <= fraction <= 1.0:
-                raise P2PError(CONTROLLER, "cross_replace_words", f"{word!r}: {fraction} is outside 0..1.", "use fractions of the schedule between 0 and 1.")
+        cross_replace_steps = FRACTION.check(cross_replace_steps, CONTROLLER, "cross_replace_steps")
+        self_replace_steps = FRACTION.check(self_replace_steps, CONTROLLER, "self_replace_steps")
+        words = parse_word_values(cross_replace_words, cross_replace_steps, CONTROLLER, "cross_replace_words", FRACTION) if cross_replace_words.strip() else []
         if self_replace_resolution not in SELF_REPLACE_DOWNSCALES:
             raise P2PError(CONTROLLER, "self_replace_resolution", f"{self_replace_resolution!r} is not one of {list(SELF_REPLACE_DOWNSCALES)}.",
                            "pick one of the listed choices.")
+        check_inverted_latent(model, latent)
         layout = layout_of(model_family(model))
         prompts = [p2p_edit.source] + [t.prompt for t in p2p_edit.targets]
         encoded = {text: encode_prompt(clip, text) for text in prompts}
@@ -155,5 +157,5 @@ class P2PController:
         controller = Controller(plan, percent_to_sigma(model), layout)
         width = controller.columns_width or math.lcm(*(len(encoded[t][0]) for t in prompts))
         columns = controller.prompt_columns(width)
-        positive = batched_conditioning([encoded[t][1] for t in prompts], [encoded[t][2] for t in prompts], columns)
+        positive = batched_conditioning([encoded[t][1] for t in prompts], [encoded[t][2] for t in prompts], columns, controller.key)
         return install(model, controller), positive, shared_noise_latent(latent, controller.images)

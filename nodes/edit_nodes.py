@@ -4,7 +4,8 @@ from __future__ import annotations
 from functools import partial
 
 from ..p2p_attention import edits
-from .tokenize import typed_words
+from ..p2p_attention.ranges import REWEIGHT_SCALE
+from .tokenize import check_prompt_weights, typed_words
 
 # ComfyUI passes the node's id: messages name "P2P Word Swap #12", so chained nodes are told apart.
 HIDDEN = {"unique_id": "UNIQUE_ID"}
@@ -53,6 +54,8 @@ class P2PWordSwap:
 
     def edit(self, source: str, target: str, p2p_edit: edits.P2PEdit | None = None, unique_id: str | None = None) -> tuple:
         node = node_label(self.NODE_NAME, unique_id)
+        check_prompt_weights(source, node, "source")
+        check_prompt_weights(target, node, "target")
         return (edits.add_target(p2p_edit, source, target, self.ALIGNMENT, node, parsed_words),)
 
 
@@ -104,15 +107,14 @@ class P2PReweight:
                         "multiline": False,
                         "default": "fluffy",
                         "tooltip": "Words of the (target) prompt to reweight, comma separated; 'word: 2.5' "
-                        "gives a word its own scale. Several-word phrases ('red car') work.",
+                        "gives a word its own scale (-10 to 10, as scale). Several-word phrases ('red car') work.",
                     },
                 ),
                 "scale": (
                     "FLOAT",
                     {
                         "default": 2.0,
-                        "min": -10.0,
-                        "max": 10.0,
+                        **REWEIGHT_SCALE.widget(),
                         "step": 0.1,
                         "tooltip": "Factor on the attention to the words: >1 strengthens, <1 weakens, 0 removes, <0 inverts.",
                     },
@@ -127,4 +129,5 @@ class P2PReweight:
 
     def edit(self, words: str, scale: float, p2p_edit: edits.P2PEdit | None = None, prompt: str = "", unique_id: str | None = None) -> tuple:
         node = node_label(self.NODE_NAME, unique_id)
+        check_prompt_weights(prompt, node, "prompt")
         return (edits.reweight(p2p_edit, prompt, words, scale, node, parsed_words),)

@@ -19,7 +19,9 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
+from ..p2p_attention.controller import CONTROLLER
 from ..p2p_attention.errors import P2PError
+from ..p2p_attention.ranges import Range
 from ..p2p_attention.inversion import (
     FIREFLOW,
     INVERT,
@@ -45,6 +47,11 @@ from .host import (
     schedule,
 )
 from .patch import find_controller
+
+INVERSION_KEY = "p2p_inversion"  # entry of the inverted LATENT: its inversion, for the controller's check
+# The numeric inputs' ranges: the widgets' min / max and the check in ``invert``.
+STEPS, CFG = Range(1, 1000, integer=True), Range(0.0, 100.0)
+ITERATIONS, EARLY_STOP = Range(1, 100, integer=True), Range(0.0, 1.0)
 
 def _tiled(embedding: torch.Tensor, rows: int, tokens: int) -> torch.Tensor | None:
     """``embedding`` ``[1, T0, C]`` as ``rows`` rows of ``tokens`` columns, repeated as ComfyUI pads
@@ -177,6 +184,23 @@ class InversionSteps:
         return self.inverted.correct(denoised, x, step)
 
 
+def check_inverted_latent(model: Any, latent: dict) -> None:
+    """An inverted latent is sampled back only by the model its inversion returned: with another
+    model the inversion's per-step data is silently ignored and the source is not the photo."""
+    record = latent.get(INVERSION_KEY)
+    if record is None:
+        return
+    hooks = model.model_options.get("sampler_post_cfg_function", [])
+    if not any(isinstance(hook, InversionSteps) and hook.inverted is record for hook in hooks):
+        raise P2PError(
+            CONTROLLER,
+            "model",
+            "the latent comes from P2P DDIM Invert, but this model is not that node's model output, "
+            "so the inversion would be ignored and the source image would not be the inverted photo.",
+            "connect P2P DDIM Invert's model output to the P2P Controller's model input.",
+        )
+
+
 def _tooltip(kind: str, tooltip: str, **options: Any) -> tuple:
     return (kind, {"tooltip": tooltip, **options})
 
@@ -219,12 +243,12 @@ class P2PDDIMInvert:
                     "(the paper: an empty prompt) and replaces it per step.",
                 ),
                 "latent": _tooltip("LATENT", "The image's latent from VAE Encode (batch 1)."),
-                "steps": _tooltip("INT", "Sampling steps; the sampler must use the same. The paper uses 50.", default=50, min=1, max=1000),
+                "steps": _tooltip("INT", "Sampling steps; the sampler must use the same. The paper uses 50.", default=50, **STEPS.widget()),
                 "cfg": _tooltip(
                     "FLOAT",
                     "The sampler's cfg (1 for guidance-distilled Flux, whose guidance comes from FluxGuidance on the "
                     "positive). Null-text optimises for it and the sampler must use the same; the other methods do not depend on it.",
-                    default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                    default=7.5, **CFG.widget(), step=0.1, round=0.01,
                 ),
                 "scheduler": _tooltip(
                     comfy.samplers.KSampler.SCHEDULERS,
@@ -240,12 +264,12 @@ class P2PDDIMInvert:
                     default=NULL_TEXT,
                 ),
                 "null_text_iterations": _tooltip(
-                    "INT", "Null-text: Adam iterations per step at most (the paper: 10).", default=10, min=1, max=100
+                    "INT", "Null-text: Adam iterations per step at most (the paper: 10).", default=10, **ITERATIONS.widget()
                 ),
                 "early_stop": _tooltip(
                     "FLOAT",
                     "Null-text: a step stops early when its loss is below this plus 2e-5 per step of 50 (the paper: 1e-5).",
-                    default=1e-5, min=0.0, max=1.0, step=1e-6, round=False,
+                    default=1e-5, **EARLY_STOP.widget(), step=1e-6, round=False,
                 ),
             }
         }
@@ -263,6 +287,9 @@ class P2PDDIMInvert:
         null_text_iterations: int = 10,
         early_stop: float = 1e-5,
     ) -> tuple:
+        steps, cfg = STEPS.check(steps, INVERT, "steps"), CFG.check(cfg, INVERT, "cfg")
+        null_text_iterations = ITERATIONS.check(null_text_iterations, INVERT, "null_text_iterations")
+        early_stop = EARLY_STOP.check(early_stop, INVERT, "early_stop")
         samples = self._check(model, positive, negative, latent, method, cfg)
         sigmas = schedule(model, scheduler, steps)
         progress = comfy.utils.ProgressBar(steps * (1 + (null_text_iterations if method == NULL_TEXT else 0)))
@@ -323,7 +350,7 @@ class P2PDDIMInvert:
             out.set_model_unet_function_wrapper(NullTextContext(record, model.model_options.get("model_function_wrapper")))
         out.set_model_sampler_post_cfg_function(InversionSteps(record))
         sampler = comfy.samplers.KSAMPLER(fireflow_sample) if method == FIREFLOW else comfy.samplers.sampler_object("ddim")
-        return {"samples": inverted.to(samples)}, out, sampler
+        return {"samples": inverted.to(samples), INVERSION_KEY: record}, out, sampler
 
     @staticmethod
     def _check(model: Any, positive: list, negative: list, latent: dict, method: str, cfg: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """P2P Attention Maps: each token's cross-attention map of a finished run, as a labelled grid."""
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import numpy
 import torch
@@ -43,13 +44,40 @@ def colorize(heat: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
     return 0.4 * image + 0.6 * colour
 
 
+def text_layout(text: str, width: float, measure: Callable[[str], float]) -> list[tuple[float, int, str]]:
+    """(x, line, word) of each word of ``text``, wrapped to ``width`` pixels.
+
+    Words are placed one by one with a gap of an "n"'s width: Pillow's default font draws a space
+    about 2 px wide at its size, so 'a photo of' read 'a photoof'. A word wider than a line gets a
+    line of its own (and is cut by the sheet's edge).
+    """
+    gap = measure("n")
+    placed, x, line = [], 0.0, 0
+    for word in text.split():
+        length = measure(word)
+        if x > 0 and x + length > width:
+            x, line = 0.0, line + 1
+        placed.append((x, line, word))
+        x += length + gap
+    return placed
+
+
+def _draw_words(draw: ImageDraw.ImageDraw, origin: tuple[int, int], placed: list[tuple[float, int, str]], font: Any) -> None:
+    for x, line, word in placed:
+        draw.text((origin[0] + x, origin[1] + line * LABEL), word, fill="black", font=font)
+
+
 def grid(title: str, tiles: list[tuple[str, torch.Tensor]], image: torch.Tensor | None, columns: int) -> Image.Image:
-    """The paper's figure layout: one tile per token, normalised to its own maximum, text below."""
-    rows = max(1, -(-len(tiles) // columns))
-    sheet = Image.new("RGB", (columns * TILE, LABEL + rows * (TILE + LABEL)), "white")
-    draw = ImageDraw.Draw(sheet)
+    """The paper's figure layout: one tile per token, normalised to its own maximum, text below;
+    the title (the prompt) wrapped to the sheet's width above."""
     font = ImageFont.load_default()
-    draw.text((4, 4), title[:120], fill="black", font=font)
+    measure = partial(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength, font=font)  # the sheet's size depends on it
+    heading = text_layout(title, columns * TILE - 8, measure)
+    top = LABEL * (1 + max((line for _, line, _ in heading), default=0))
+    rows = max(1, -(-len(tiles) // columns))
+    sheet = Image.new("RGB", (columns * TILE, top + rows * (TILE + LABEL)), "white")
+    draw = ImageDraw.Draw(sheet)
+    _draw_words(draw, (4, 4), heading, font)
     backdrop = None
     if image is not None:
         backdrop = F.interpolate(image.permute(2, 0, 1)[None].float(), size=(TILE, TILE), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
@@ -57,9 +85,10 @@ def grid(title: str, tiles: list[tuple[str, torch.Tensor]], image: torch.Tensor 
         heat = F.interpolate(heat[None, None].float(), size=(TILE, TILE), mode="bilinear", align_corners=False)[0, 0]
         heat = (heat / heat.max().clamp_min(1e-12)).clamp(0, 1)
         pixels = (colorize(heat, backdrop).clamp(0, 1) * 255).round().byte().numpy()
-        x, y = (index % columns) * TILE, LABEL + (index // columns) * (TILE + LABEL)
+        x, y = (index % columns) * TILE, top + (index // columns) * (TILE + LABEL)
         sheet.paste(Image.fromarray(pixels), (x, y))
-        draw.text((x + 4, y + TILE + 4), label[:24], fill="black", font=font)
+        first_line = [word for word in text_layout(label, TILE - 8, measure) if word[1] == 0]
+        _draw_words(draw, (x + 4, y + TILE + 4), first_line, font)
     return sheet
 
 

@@ -93,14 +93,20 @@ def percent_to_sigma(model: Any) -> Callable[[float], float]:
     return model_sampling(model).percent_to_sigma
 
 
-def map_geometry(original_shape: list[int], queries: int) -> tuple[int, tuple[int, int]]:
-    """How much smaller than the latent this layer's attention map is (1, 2, 4, ...), and its size."""
-    height, width = original_shape[-2:]
+def map_geometry(extra_options: dict, queries: int) -> tuple[int, tuple[int, int]] | None:
+    """How much smaller than the latent this layer's attention map is (1, 2, 4, ...), and its size;
+    None when the queries are not the layer's cells, one each: a patch before this one merged them
+    (Token Merging) or cut them into tiles (HyperTile). Current ComfyUI gives the layer's size
+    (``activations_shape``); the 2024 host only the latent's, from which the size is inferred."""
+    layer = extra_options.get("activations_shape")
+    if layer is not None and layer[-2] * layer[-1] != queries:
+        return None
+    height, width = extra_options["original_shape"][-2:]
     for downscale in (1, 2, 4, 8, 16, 32, 64):
         size = (math.ceil(height / downscale), math.ceil(width / downscale))
         if size[0] * size[1] == queries:
             return downscale, size
-    raise RuntimeError(f"{queries} attention queries match no downscale of a {height}x{width} latent")
+    return None
 
 
 class AttentionPatch:
@@ -121,13 +127,38 @@ class AttentionPatch:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
-        downscale, map_size = map_geometry(extra_options["original_shape"], q.shape[1])
-        queries = slice(0, q.shape[1])
+        geometry = map_geometry(extra_options, q.shape[1])
+        chunks = tuple(c == 0 for c in extra_options["cond_or_uncond"])
         cross = self.kind == "attn2"
+
+        def through(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if self.previous is not None:
+                return self.previous(q, k, v, extra_options)
+            return optimized_attention(q, k, v, heads)
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+            return through(merge_heads(q), merge_heads(k), merge_heads(v))  # free for the unedited views
+
+        if not cross and (geometry is None or q.shape[1] != k.shape[1] or q.shape[0] != len(chunks) * self.controller.images):
+            # Merged or tiled self-attention (Token Merging merges the queries, HyperTile cuts the
+            # images into tiles of the batch) is left to its patch: its rows are no longer the
+            # images' cells, so the source's layout cannot be copied there.
+            return through(q, k, v)
+        if geometry is None:
+            height, width = extra_options["original_shape"][-2:]
+            raise P2PError(
+                CONTROLLER,
+                "model",
+                f"a patch on this model changes the tokens of its cross-attention ({q.shape[1]} queries fit no map of the "
+                f"{height}x{width} latent), so the words' maps cannot be placed.",
+                "remove that patch from the model given to the P2P Controller.",
+            )
+        downscale, map_size = geometry
+        queries = slice(0, q.shape[1])
         call = AttentionCall(
             heads=heads,
             sigma=float(extra_options["sigmas"].max()),
-            chunks=tuple(c == 0 for c in extra_options["cond_or_uncond"]),
+            chunks=chunks,
             downscale=downscale,
             map_size=map_size,
             queries=queries,
@@ -135,13 +166,6 @@ class AttentionPatch:
             image_keys=None if cross else slice(0, k.shape[1]),
             site=self.site,
         )
-
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-            q, k, v = merge_heads(q), merge_heads(k), merge_heads(v)  # free for the unedited views
-            if self.previous is not None:
-                return self.previous(q, k, v, extra_options)
-            return optimized_attention(q, k, v, heads)
-
         return self.controller.attention(heads_first(q, heads), heads_first(k, heads), heads_first(v, heads), call, attend)
 
 
@@ -253,8 +277,18 @@ def _with_key_mask(mask: torch.Tensor | None, key_mask: torch.Tensor | None) -> 
     return mask.to(key_mask.dtype) + key_mask
 
 
+CONDITIONING_KEY = "p2p_controller"  # entry of the controller's CONDITIONING: the controller's key
+
+
+def made_by(controller: P2PController, conds: list[dict] | None) -> bool:
+    """Whether every entry of a sampler's (processed) conditioning came from ``controller``'s
+    positive output; ComfyUI copies the entries' dicts, keeping their keys, on the way."""
+    return bool(conds) and all(c.get(CONDITIONING_KEY) == controller.key for c in conds)
+
+
 class AfterCFG:
-    """The controller's post-CFG hook (local blend, the run's result); shared by clones like the patches."""
+    """The controller's post-CFG hook (wiring checks, local blend, the run's result); shared by
+    clones like the patches."""
 
     def __init__(self, controller: P2PController) -> None:
         self.controller = controller
@@ -263,7 +297,15 @@ class AfterCFG:
         return self
 
     def __call__(self, args: dict) -> torch.Tensor:
-        return self.controller.after_cfg(args["denoised"], float(args["sigma"].max()))
+        if not made_by(self.controller, args.get("cond")):
+            raise P2PError(
+                CONTROLLER,
+                "positive",
+                "the sampler's positive is not this controller's positive output (e.g. a plain CLIP Text Encode), "
+                "so every image would be the source prompt's and the edit would do nothing.",
+                "connect the P2P Controller's positive output to the sampler's positive input (any negative prompt).",
+            )
+        return self.controller.after_cfg(args["denoised"], float(args["sigma"].max()), args.get("input"))
 
 
 def find_controller(model: Any) -> P2PController | None:

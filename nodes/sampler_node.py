@@ -17,6 +17,7 @@ from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler
 from ..p2p_attention.errors import P2PError
 
 NODE_NAME = "P2P Shared Noise Sampler"
+TREE_TOLERANCE = 1e-6  # torchsde.BrownianTree's default tol, to which it rounds its ends
 
 
 def shared_noise_sampler_function(sampler_function: Callable) -> Callable:
@@ -25,7 +26,10 @@ def shared_noise_sampler_function(sampler_function: Callable) -> Callable:
     def sample(model: Any, x: torch.Tensor, sigmas: torch.Tensor, extra_args: dict | None = None, callback: Any = None, disable: Any = None, **options: Any) -> torch.Tensor:
         seed = (extra_args or {}).get("seed")
         positive = sigmas[sigmas > 0]
-        row = BrownianTreeNoiseSampler(x[:1], positive.min(), sigmas.max(), seed=seed)
+        # torchsde's BrownianTree rounds its ends to its tolerance (6 decimals): a largest sigma
+        # rounded down lies past the end ("Should have tb<=t1"). The ends are widened by that much.
+        low, high = float(positive.min()) - TREE_TOLERANCE, float(sigmas.max()) + TREE_TOLERANCE
+        row = BrownianTreeNoiseSampler(x[:1], max(low, 0.0), high, seed=seed)
         options["noise_sampler"] = lambda sigma, sigma_next: row(sigma, sigma_next).expand_as(x)
         return sampler_function(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
 

@@ -18,10 +18,13 @@ import comfy.sd1_clip
 
 from ..p2p_attention.controller import CONTROLLER
 from ..p2p_attention.errors import P2PError
+from ..p2p_attention.ranges import Range
 from ..p2p_attention.tokens import PromptTokens, build_prompt_tokens, split_words
 from .host import encode_tokens
 
 Chunk = list[tuple[Any, str | None, bool]]  # (key, piece, special) per token
+# ComfyUI's prompt weights have no range of their own; far past this the conditioning overflows.
+PROMPT_WEIGHT = Range(-100.0, 100.0)
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,24 @@ def text_layout(clip: Any, tokens: dict) -> TextLayout:
     return layout
 
 
+def prompt_weights(text: str) -> list[tuple[str, float]]:
+    """(text, weight) of each part of a prompt, as ComfyUI's tokenizer parses "(red car:1.2)"."""
+    escaped = comfy.sd1_clip.escape_important(text)
+    return [(comfy.sd1_clip.unescape_important(part), weight) for part, weight in comfy.sd1_clip.token_weights(escaped, 1.0)]
+
+
+def check_prompt_weights(text: str, node: str, input_name: str) -> None:
+    """Every "(word:w)" weight is a finite number in ``PROMPT_WEIGHT``: ComfyUI reads "(cat:nan)" as a
+    NaN weight, which makes the prompt's conditioning, and the image, NaN."""
+    for part, weight in prompt_weights(text):
+        PROMPT_WEIGHT.check(weight, node, input_name, f"the weight of {part.strip()!r}")
+
+
 def typed_words(text: str, weights: bool) -> list[str]:
     """The prompt's words as the user typed them, with ComfyUI's weight syntax removed as its tokenizer
     removes it ("a (red car:1.2)" has the words a, red, car)."""
     if weights:
-        escaped = comfy.sd1_clip.escape_important(text)
-        text = "".join(comfy.sd1_clip.unescape_important(part) for part, _ in comfy.sd1_clip.token_weights(escaped, 1.0))
+        text = "".join(part for part, _ in prompt_weights(text))
     return split_words(text)
 
 

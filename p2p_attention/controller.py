@@ -9,6 +9,7 @@ latent batch, i.e. the source followed by the targets. Only conditional chunks a
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -33,6 +34,7 @@ CONTROLLER = "P2P Controller"
 SELF_REPLACE_DOWNSCALES = {"1/4 and coarser": 4, "1/2 and coarser": 2}
 DEFAULT_SELF_REPLACE = "1/2 and coarser"
 QUERY_BLOCK = 1024  # queries per block of explicit cross-attention probabilities
+NOISE_START = 0.001  # steps above this fraction's noise level start from pure noise (a run's first)
 TILED, PADDED = "tiled", "padded"  # how prompts of different lengths share columns: see columns.py
 
 
@@ -170,6 +172,12 @@ def _blend_plan(blend_edit: LocalBlendEdit, source: PromptTokens, targets: list[
     return BlendPlan(edit=blend_edit, region=tuple(region), subtract=tuple(subtract))
 
 
+def same_rows(x: torch.Tensor) -> bool:
+    """Whether every row of a batch equals the first, up to float rounding."""
+    scale = max(1.0, float(x[:1].abs().max()))
+    return bool(((x[1:] - x[:1]).abs() <= 1e-5 * scale).all())
+
+
 @dataclass(frozen=True)
 class _OnColumns:
     """The plan on one conditioning width, stacked over targets."""
@@ -195,6 +203,8 @@ class P2PController:
     ) -> None:
         self.plan = plan
         self.layout = layout
+        # Names what this controller made (its conditioning), through any copies on the way to the sampler.
+        self.key = uuid.uuid4().hex
         self.images = 1 + len(plan.targets)
         sigma_of = {}
         for target in plan.targets:
@@ -204,6 +214,7 @@ class P2PController:
             torch.tensor([sigma_of[f] for f in t.cross_until.tolist()], dtype=torch.float64) for t in plan.targets
         ]
         self._self_sigma = percent_to_sigma(plan.self_until)
+        self._noise_sigma = percent_to_sigma(NOISE_START)
         self._blend_sigma = percent_to_sigma(plan.blend.edit.start) if plan.blend else 0.0
         self._on_columns: dict[tuple[int, torch.device], _OnColumns] = {}
         self.maps = AttentionMapStore()
@@ -258,11 +269,25 @@ class P2PController:
             "plug the controller's LATENT output into the sampler unchanged (no batch or repeat nodes between).",
         )
 
-    def after_cfg(self, denoised: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Each step's guided prediction: local blend (from its start) and the run's latest result."""
+    def after_cfg(self, denoised: torch.Tensor, sigma: float, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Each step's guided prediction: local blend (from its start) and the run's latest result.
+
+        ``x``, the sampler's input, is checked at the first step from pure noise (above the noise
+        level of the schedule's first 0.1%): every image starts from one noise only if the sampler
+        was given the controller's latent. Later steps are not checked: a stock ancestral sampler
+        legitimately draws different noise per image (README, Samplers).
+        """
         if denoised.shape[0] != self.images:
             raise self._wrong_batch(denoised.shape[0])
         run = self.maps.current(sigma)
+        if x is not None and sigma > self._noise_sigma and not same_rows(x):
+            raise P2PError(
+                CONTROLLER,
+                "latent",
+                "the sampler's images do not start from one noise, so the edits would differ from the source everywhere: "
+                "its latent is not this controller's latent output (e.g. another Empty Latent Image with a batch size).",
+                "connect the P2P Controller's latent output to the sampler's latent_image.",
+            )
         if self.plan.blend is not None and sigma <= self._blend_sigma:
             masks = blend_masks(self.plan.blend, run, self.images - 1, tuple(denoised.shape[-2:]), denoised.device)
             denoised = blend(denoised, masks)

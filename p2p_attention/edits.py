@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from .errors import P2PError
+from .ranges import FRACTION, REWEIGHT_SCALE, Range
 from .tokens import phrase_words, split_words
 
 Words = Callable[[str], list[str]]  # a prompt's words as typed, ComfyUI's weight syntax removed
@@ -63,6 +64,15 @@ def add_target(
 ) -> P2PEdit:
     """A Word Swap or Refine target from ``source``, appended to ``edit`` when one is plugged in."""
     source, target = _prompt(source, node, "source"), _prompt(target, node, "target")
+    # A source that differs from the chain's is the first mistake: the target was written against it.
+    if edit is not None and edit.source != source:
+        raise P2PError(
+            node,
+            "source",
+            f"the incoming P2P_EDIT's source is {edit.source!r}, this node's is {source!r}; "
+            "all targets of one controller are edits of one source.",
+            "use the same source text in every chained edit node.",
+        )
     source_count, target_count = len(words(source)), len(words(target))
     if alignment == WORD_SWAP and source_count != target_count:
         raise P2PError(
@@ -71,14 +81,6 @@ def add_target(
             f"the source has {source_count} words and the target {target!r} has {target_count}; Word Swap "
             "replaces words one for one (a word is what is typed between spaces).",
             "change only words (e.g. 'cat' -> 'dog'), or use P2P Refine to add or remove words.",
-        )
-    if edit is not None and edit.source != source:
-        raise P2PError(
-            node,
-            "source",
-            f"the incoming P2P_EDIT's source is {edit.source!r}, this node's is {source!r}; "
-            "all targets of one controller are edits of one source.",
-            "use the same source text in every chained edit node.",
         )
     new = TargetEdit(prompt=target, alignment=alignment, node=node)
     if edit is None:
@@ -99,7 +101,8 @@ def reweight(edit: P2PEdit | None, prompt: str, words: str, scale: float, node: 
             "a P2P_EDIT is plugged in, so the reweight applies to its newest target and 'prompt' would be ignored.",
             "clear 'prompt', or unplug 'p2p_edit' to reweight a prompt on its own.",
         )
-    scales = parse_word_values(words, scale, node, "words")
+    scale = REWEIGHT_SCALE.check(scale, node, "scale")
+    scales = parse_word_values(words, scale, node, "words", REWEIGHT_SCALE)
     last = edit.targets[-1]
     for word, _ in scales:
         if not phrase_words(prompt_words(last.prompt), word):
@@ -157,7 +160,11 @@ def local_blend(
                     f"{word!r} is not a word of {where}.",
                     "name words as they are typed in the prompts (case and surrounding punctuation do not matter).",
                 )
+    threshold, start = FRACTION.check(threshold, node, "threshold"), FRACTION.check(start, node, "start_blend")
     if mask is not None:
+        if not bool(torch.isfinite(mask).all()):
+            raise P2PError(node, "mask", "the mask has values that are not finite numbers (NaN or infinite).",
+                           "connect a mask with values from 0 to 1 (e.g. from Load Image's mask or the mask editor).")
         mask = mask if mask.dim() == 3 else mask.reshape((-1,) + tuple(mask.shape[-2:]))
         if mask.shape[0] not in (1, len(edit.targets)):
             raise P2PError(
@@ -170,8 +177,8 @@ def local_blend(
         source_words=words["source"],
         target_words=words["target"],
         subtract_words=words["subtract"],
-        threshold=float(threshold),
-        start=float(start),
+        threshold=threshold,
+        start=start,
         mask=None if mask is None else mask.detach().float().clamp(0, 1).cpu(),
         combine=combine,
         node=node,
@@ -184,8 +191,9 @@ def word_list(text: str) -> tuple[str, ...]:
     return tuple(w.strip() for w in text.replace("\n", ",").split(",") if w.strip())
 
 
-def parse_word_values(text: str, default: float, node: str, input_name: str) -> list[tuple[str, float]]:
-    """``"fluffy, red car: -1"`` -> ``[("fluffy", default), ("red car", -1.0)]``."""
+def parse_word_values(text: str, default: float, node: str, input_name: str, valid: Range) -> list[tuple[str, float]]:
+    """``"fluffy, red car: -1"`` -> ``[("fluffy", default), ("red car", -1.0)]``; every typed value
+    must be a finite number in ``valid`` (the widget's range, which text skips)."""
     values = []
     for item in text.replace("\n", ",").split(","):
         if not item.strip():
@@ -200,7 +208,7 @@ def parse_word_values(text: str, default: float, node: str, input_name: str) -> 
             raise P2PError(
                 node, input_name, f"{number.strip()!r} in {item.strip()!r} is not a number.", "write 'word: number', e.g. 'cat: 0.5'."
             ) from None
-        values.append((word, value))
+        values.append((word, valid.check(value, node, input_name, repr(item.strip()))))
     if not values:
         raise P2PError(node, input_name, "no word given.", "list one or more words of the prompt, separated by commas.")
     return values

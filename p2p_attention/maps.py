@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 KEPT_RUNS = 4
+# A rise of the noise level beyond float rounding starts a new run: dpmpp_2s_ancestral's midpoint
+# level equals the next step's up to rounding, and a rise by rounding there is the same run.
+NEW_RUN_RISE = 1e-4
 
 
 @dataclass
@@ -57,7 +60,7 @@ class AttentionMapStore:
 
     def current(self, sigma: float) -> MapRun:
         """The run a call at ``sigma`` belongs to: a higher noise level than the last starts a new one."""
-        if not self.runs or sigma > self.runs[-1].sigma:
+        if not self.runs or sigma > self.runs[-1].sigma * (1 + NEW_RUN_RISE):
             self.runs.append(MapRun())
         run = self.runs[-1]
         run.sigma = sigma

@@ -109,3 +109,30 @@ def test_a_model_without_an_edit_is_refused(host, load_tiny):
     model, _, _ = load_tiny("sd15")
     with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=r"\[P2P Attention Maps › model\]"):
         render(host, model, torch.zeros(2, 4, 8, 8))
+
+
+def blank_runs(ink_columns) -> list[int]:
+    """Widths of the runs of inkless columns between the first and the last inked column."""
+    inked = [i for i, any_ink in enumerate(ink_columns) if any_ink]
+    runs, width = [], 0
+    for any_ink in ink_columns[inked[0] : inked[-1] + 1]:
+        if any_ink:
+            runs, width = runs + [width] if width else runs, 0
+        else:
+            width += 1
+    return runs
+
+
+def test_sheet_titles_keep_their_spaces_and_wrap_to_one_column(host):
+    """'a photo of' rendered as 'a photoof' (a 2 px space), and a one-column sheet cut the title."""
+    import numpy
+
+    maps_node = host.pack.nodes.maps_node
+    title = "a photo of a cat riding a bicycle along the sea at sunset"
+    sheet = maps_node.grid(title, [("cat", torch.rand(4, 4))], None, 1)
+    ink = numpy.asarray(sheet.convert("L")) < 128
+    header = sheet.height - maps_node.TILE - maps_node.LABEL
+    assert header >= 2 * maps_node.LABEL  # wrapped: the title does not fit 192 px
+    assert not ink[:header, -3:].any()  # nothing cut at the sheet's edge
+    first_line = ink[: maps_node.LABEL].any(axis=0).tolist()
+    assert sum(width >= 5 for width in blank_runs(first_line)) >= 3  # 'a photo of a': a clear gap between words

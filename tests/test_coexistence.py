@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from p2p_helpers import assert_same, p2p, plain, sample, swap
@@ -68,3 +69,32 @@ def test_identity_edit_still_reproduces_the_source_under_guidance(host, load_tin
     patched, positive, latent = p2p(host, sag, clip, swap(host, PROMPT, PROMPT), cross=1.0, self_=1.0)
     out = sample(host, patched, clip, positive, latent)
     assert_same(out[1], out[0])
+
+
+def stock_patch(host: Any, name: str, model: Any, **arguments: Any) -> Any:
+    """A stock model patch node's output: classic in the 2024 host, V3 (``execute``) in current ComfyUI."""
+    node = host.nodes.NODE_CLASS_MAPPINGS[name]
+    if hasattr(node, "execute"):
+        output = node.execute(model=model, **arguments)
+        return getattr(output, "result", output)[0]
+    return getattr(node(), node.FUNCTION)(model=model, **arguments)[0]
+
+
+@pytest.mark.parametrize("name, arguments", [
+    ("TomePatchModel", {"ratio": 0.5}),
+    ("TomePatchModel", {"ratio": 1.0}),  # a quarter of the queries left: the size of the next coarser map
+    ("HyperTile", {"tile_size": 32, "swap_size": 1, "max_depth": 0, "scale_depth": False}),
+])
+def test_token_merging_and_hypertile_leave_full_size_self_attention_to_their_patch(host, load_tiny, name, arguments):
+    """The tiny SD2 model has attention at the latent's full size, where these patches merge or tile
+    the self-attention's tokens: P2P leaves those layers to them and still edits."""
+    model, clip, _ = load_tiny("sd2v")
+    patched_model = stock_patch(host, name, model, **arguments)
+    patched, positive, latent = p2p(host, patched_model, clip, swap(host, PROMPT, PROMPT), cross=1.0, self_=1.0)
+    out = sample(host, patched, clip, positive, latent)
+    assert torch.isfinite(out).all()
+    assert_same(out[1], out[0])  # an identity edit still reproduces the source under the patch
+    assert_same(out[0], plain(host, patched_model, clip, PROMPT)[0])  # P2P leaves the (patched) source alone
+    assert differs(out[0], plain(host, model, clip, PROMPT)[0])  # and the patch acts
+    edited = sample(host, *p2p_run(host, patched_model, clip, TARGET))
+    assert differs(edited[1], edited[0])

@@ -123,7 +123,7 @@ def chained_swaps_prompt(second_target: str) -> dict:
 @pytest.mark.parametrize(
     "second_target, failing_node, match",
     [
-        ("a photo of a big dog riding a bicycle", "3", r"\[P2P Word Swap #3 › target\] .*'a photo of a big dog riding a bicycle' has 8"),
+        ("a photo of a big dog riding a bicycle", "3", r"\[P2P Word Swap #3 › target\] .*'a photo of a big dog riding a bicycle' has 9"),
         ("a photo of a embedding:nosuchemb riding a bicycle", "5",
          r"\[P2P Word Swap #3 › target\] the embedding 'embedding:nosuchemb' in 'a photo of a embedding:nosuchemb riding a bicycle' was not found"),
     ],
@@ -214,3 +214,35 @@ def test_self_attention_is_replaced_at_the_chosen_resolutions(host, load_tiny, r
         controller.attention(q, k, v, call, lambda q_, k_, v_, mask: seen.append((q_, k_)) or v_)
         took_source = torch.equal(seen[0][0][1], q[0]) and torch.equal(seen[0][1][1], k[0])
         assert took_source == (downscale in replaced), downscale
+
+
+def test_a_sampler_wired_to_other_inputs_is_reported(host, load_tiny):
+    """The controller knows what it made: a sampler given another positive or another latent would
+    silently give the source (or differently noised images), so the first step stops with the socket."""
+    model, clip, _ = load_tiny("sd15")
+    P2PError = host.pack.p2p_attention.errors.P2PError
+    patched, positive, latent = p2p(host, model, clip, swap(host, PROMPT, TARGET))
+    with torch.inference_mode():
+        plain_positive = host.nodes.CLIPTextEncode().encode(clip, TARGET)[0]
+        other_latent = host.nodes.EmptyLatentImage().generate(64, 64, 2)[0]
+    with pytest.raises(P2PError, match=r"\[P2P Controller › positive\] .*plain CLIP Text Encode.* Fix: connect the P2P Controller's positive"):
+        sample(host, patched, clip, plain_positive, latent)
+    with pytest.raises(P2PError, match=r"\[P2P Controller › latent\] .*one noise.* Fix: connect the P2P Controller's latent output"):
+        sample(host, patched, clip, positive, other_latent)
+    # Stock nodes that copy the conditioning (a timestep range, a ControlNet) keep it the controller's.
+    with torch.inference_mode():
+        ranged = host.nodes.ConditioningSetTimestepRange().set_range(positive, 0.0, 1.0)[0]
+    assert torch.isfinite(sample(host, patched, clip, ranged, latent)).all()
+
+
+def test_an_inverted_latent_needs_the_invert_nodes_model(host, load_tiny):
+    model, clip, vae = load_tiny("sd15")
+    with torch.inference_mode():
+        image = host.nodes.VAEEncode().encode(vae, torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0)))[0]
+        cond = host.nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
+        inverted, inverting_model, _ = host.pack.NODE_CLASS_MAPPINGS["P2PDDIMInvert"]().invert(
+            model, cond, cond, image, 2, 1.0, "normal", "ddim", 1, 0.0)
+        controller = host.pack.NODE_CLASS_MAPPINGS["P2PController"]()
+        controller.apply(inverting_model, clip, swap(host, PROMPT, TARGET), inverted, 0.8, 0.4)  # as wired by the workflow
+        with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=r"\[P2P Controller › model\] the latent comes from P2P DDIM Invert"):
+            controller.apply(model, clip, swap(host, PROMPT, TARGET), inverted, 0.8, 0.4)

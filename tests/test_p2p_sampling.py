@@ -159,3 +159,34 @@ def test_half_precision_gives_finite_images(host, dtype):
     out = sample(host, patched, clip, positive, latent, steps=3)
     assert torch.isfinite(out).all()
     assert out.abs().max() > 0
+
+
+@pytest.mark.parametrize("sampler", ("euler_ancestral", "dpmpp_sde"))
+def test_the_shared_noise_sampler_stays_inside_its_noise_interval(host, load_tiny, sampler):
+    """torchsde warned 'Should have tb<=t1' at the first step: its tree rounded its end below the first sigma."""
+    import warnings
+
+    model, clip, _ = load_tiny("sd15")
+    patched, positive, latent = p2p(host, model, clip, swap(host, PROMPT, TARGET))
+    nodes = host.nodes.NODE_CLASS_MAPPINGS
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        negative = host.nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+        shared = host.pack.NODE_CLASS_MAPPINGS["P2PSampler"]().wrap(nodes["KSamplerSelect"]().get_sampler(sampler)[0])[0]
+        sigmas = nodes["BasicScheduler"]().get_sigmas(patched, "karras", 3, 1.0)[0]
+        nodes["SamplerCustom"]().sample(patched, True, 5, 7.0, positive, negative, shared, sigmas, latent)
+    assert not [str(w.message) for w in caught if "Should have" in str(w.message)]
+
+
+def test_a_midpoint_sampler_run_is_one_run(host, load_tiny):
+    """dpmpp_2s_ancestral's midpoint noise level equals the next step's up to rounding: no new run
+    (the maps and the local blend of a run would restart there)."""
+    model, clip, _ = load_tiny("sd15")
+    patched, positive, latent = p2p(host, model, clip, swap(host, PROMPT, TARGET))
+    nodes = host.nodes.NODE_CLASS_MAPPINGS
+    with torch.inference_mode():
+        negative = host.nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+        shared = host.pack.NODE_CLASS_MAPPINGS["P2PSampler"]().wrap(nodes["KSamplerSelect"]().get_sampler("dpmpp_2s_ancestral")[0])[0]
+        sigmas = nodes["BasicScheduler"]().get_sigmas(patched, "karras", 5, 1.0)[0]
+        nodes["SamplerCustom"]().sample(patched, True, 5, 7.0, positive, negative, shared, sigmas, latent)
+    assert len(controller_of(host, patched).maps.runs) == 1
