@@ -174,18 +174,30 @@ def test_words_are_typed_words_in_every_tokenizer(host, load_tiny_dit, kind):
     assert all(t.word >= 0 for t in prompt.tokens if t.role == "word")
 
 
-def test_unsupported_families_are_named(host, load_tiny):
-    """A real (tiny) Lumina 2 model: its family is named, with the supported ones."""
+# Tiny configs of real families this pack does not edit, by ComfyUI config class: Lumina 2 (a DiT,
+# v0.3.75) and Stable Cascade's stage C (no UNet blocks; present in both hosts).
+UNSUPPORTED = {
+    "Lumina2": {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32, "n_layers": 1,
+                "n_heads": 2, "n_kv_heads": 2, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512], "qk_norm": True, "rope_theta": 10000.0},
+    "Stable_Cascade_C": {"stable_cascade_stage": "c", "c_r": 8, "c_cond": 32, "c_hidden": [32, 32], "nhead": [2, 2], "blocks": [[1, 1], [1, 1]],
+                         "block_repeat": [[1, 1], [1, 1]], "c_clip_text": 32, "c_clip_text_pooled": 32, "c_clip_img": 32},
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
+def test_unsupported_families_are_named(host, load_tiny, family):
+    """A real (tiny) model of a family this pack does not edit: the error names its model class and the supported families."""
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.Lumina2(
-        {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32, "n_layers": 1,
-         "n_heads": 2, "n_kv_heads": 2, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512], "qk_norm": True, "rope_theta": 10000.0}
-    )
-    model = comfy.model_patcher.ModelPatcher(config.get_model({}), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=r"\[P2P Controller › model\] Lumina2 models are not supported.*Flux\.1.*Qwen-Image"):
-        p2p(host, model, load_tiny("sd15")[1], swap(host, PROMPT, TARGET))
+    config_class = getattr(comfy.supported_models, family, None)
+    if config_class is None:
+        pytest.skip(f"this ComfyUI ({host.version}) has no {family} models")
+    model = config_class(UNSUPPORTED[family]).get_model({})
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    named = rf"\[P2P Controller › model\] {type(model).__name__} models are not supported.*SDXL.*Flux\.1.*Qwen-Image"
+    with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=named):
+        p2p(host, patcher, load_tiny("sd15")[1], swap(host, PROMPT, TARGET))
 
 
 class MapRecorderPerImage(MapRecorder):
