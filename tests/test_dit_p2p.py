@@ -6,10 +6,13 @@ these tests check the mechanism exactly, as test_p2p_sampling does for UNets.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from p2p_helpers import MapRecorder, assert_same, controller_of, edits, p2p, plain, refine, reweight, sample, swap
 
@@ -172,6 +175,88 @@ def test_words_are_typed_words_in_every_tokenizer(host, load_tiny_dit, kind):
     words = [{prompt.tokens[p].word for p in prompt.find(w)} for w in ("t-rex", "5pm", "mat")]
     assert words == [{1}, {3}, {6}]
     assert all(t.word >= 0 for t in prompt.tokens if t.role == "word")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Watches every tensor that ATen operations return (observing, not replacing them): the largest,
+    in elements, outside ``paused`` blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+        self.recording = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.recording:
+            self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+class FusedKernel:
+    """An attention override under P2P's (as another pack's): the model's own fused attention runs
+    inside it, unwatched; it keeps the shapes of the queries and keys it is given."""
+
+    def __init__(self, watch: LargestTensor) -> None:
+        self.watch = watch
+        self.shapes: list[tuple] = []
+
+    def __deepcopy__(self, memo: dict) -> "FusedKernel":
+        return self
+
+    def __call__(self, func: Any, q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.shapes.append((tuple(q.shape), tuple(k.shape)))
+        with self.watch.paused():
+            return func(q, k, *args, **kwargs)
+
+
+def test_the_joint_attention_matrix_is_never_formed(host, load_tiny_dit):
+    """A Flux double block's joint attention at 1024x1024 (a 64x64 token grid after the text), called
+    as the block calls it, with a swap inside both replace windows. Apart from the model's fused
+    kernel, no tensor the edit builds holds every head's image-to-text probabilities at once (they
+    are formed a block of queries at a time), let alone one head's image-query x joint-key matrix;
+    the text's share of the joint softmax comes from the fused call over the whole joint sequence."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    model, clip, _ = load_tiny_dit("flux_dev")
+    watch = LargestTensor()
+    kernel = FusedKernel(watch)
+    underneath = model.clone()
+    underneath.model_options["transformer_options"]["optimized_attention_override"] = kernel
+    patched, _, _ = p2p(host, underneath, clip, swap(host, PROMPT, TARGET), cross=0.8, self_=0.4, size=1024)
+    controller = controller_of(host, patched)
+    patch = host.pack.nodes.patch
+    text, grid, heads, dim = controller.columns_width, (64, 64), 4, 16
+    image = grid[0] * grid[1]
+    options = {
+        **patched.model_options["transformer_options"],
+        patch.LAYOUT_KEY: patch.TokenLayout(grid=grid, patch=2, text=text),
+        "cond_or_uncond": [0],  # Flux.1 dev: the conditional branch alone
+        "sigmas": torch.tensor([1.0]),  # the first step: inside every window
+        "block_type": "double",
+        "block_index": 0,
+    }
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(controller.images, heads, text + image, dim, generator=generator) for _ in range(3))
+    with watch:
+        out = optimized_attention(q, k, v, heads, skip_reshape=True, transformer_options=options)
+    every_head_to_text, one_head_joint = heads * image * text, image * (text + image)
+    assert one_head_joint > every_head_to_text
+    assert 0 < watch.largest < every_head_to_text, f"the edit built a tensor of {watch.largest} elements"
+    assert kernel.shapes and all(qs[2] == ks[2] == text + image for qs, ks in kernel.shapes)  # the fused calls see the whole joint sequence
+    plain_out = optimized_attention(q, k, v, heads, skip_reshape=True)
+    assert not torch.allclose(out[1:, text:], plain_out[1:, text:], atol=1e-4)  # the edit acted on the targets' image queries
+    with watch:  # the watch does see a joint matrix when one is formed
+        (q[0, 0, text:] @ k[0, 0].T).softmax(dim=-1)
+    assert watch.largest == one_head_joint
 
 
 # Tiny configs of real families this pack does not edit, by ComfyUI config class: Lumina 2 (a DiT,
