@@ -14,6 +14,7 @@ import tiny_models
 import workflow_api
 
 WORKFLOWS = comfy_host.REPO_ROOT / "workflows"
+DIT_KINDS = {name: kind for kind, name in tiny_dit_models.REAL_FILE_NAMES.items()}  # real file name -> tiny DiT kind
 CAPTURED: dict[str, Any] = {}
 
 
@@ -119,16 +120,26 @@ def load_tiny_dit(host: comfy_host.Host, tiny_dit_checkpoint):
     return load
 
 
+def dit_kind(workflow: dict) -> str | None:
+    """The tiny DiT kind standing for the DiT checkpoint a workflow (UI format) loads; None for SD ones."""
+    loaded = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    return next((DIT_KINDS[name] for name in loaded if name in DIT_KINDS), None)
+
+
 @pytest.fixture(scope="session")
-def run_workflow(host: comfy_host.Host):
-    """Run a shipped workflow (UI format) unchanged but for the checkpoint file, through the executor."""
+def run_workflow(host: comfy_host.Host, tiny_dit_checkpoint: Any):
+    """Run a shipped workflow (UI format) unchanged but for the checkpoint file, through the executor:
+    the tiny SD ``kind``, or the tiny DiT standing for the DiT checkpoint it loads (skipped on a host
+    without DiT models)."""
 
     def run(name: str, kind: str = "sd15", edit: Any = None) -> dict[str, Any]:
         workflow = json.loads((WORKFLOWS / name).read_text())
+        dit = dit_kind(workflow)
+        checkpoint = tiny_dit_checkpoint(dit).name if dit else tiny_models.tiny_checkpoint_name(kind)
         prompt = workflow_api.to_api(workflow, host.nodes.NODE_CLASS_MAPPINGS)
         for node in prompt.values():
             if node["class_type"] in ("CheckpointLoaderSimple", "P2PCheckpointLoader"):
-                node["inputs"]["ckpt_name"] = tiny_models.tiny_checkpoint_name(kind)
+                node["inputs"]["ckpt_name"] = checkpoint
         if edit is not None:
             edit(prompt)
         result = host.execute(prompt)
