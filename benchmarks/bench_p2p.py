@@ -1,7 +1,9 @@
 """P2P edit versus plain generation: time and peak-memory ratios, measured in one run.
 
-    .venv/bin/python benchmarks/bench_p2p.py                    # SD1.5 at 512 and SDXL at 1024
+    .venv/bin/python benchmarks/bench_p2p.py                    # SD1.5 at 512, SDXL, Flux.1 dev and SD3.5 at 1024
     .venv/bin/python benchmarks/bench_p2p.py --model sd15 --width 320 --steps 20   # full width (GPU)
+    .venv/bin/python benchmarks/bench_p2p.py --model flux --width 3072 --steps 20  # Flux.1 dev's full size (GPU)
+    .venv/bin/python benchmarks/bench_p2p.py --model sd35 --width 1536 --steps 20  # SD3.5 Medium's full size (GPU)
 
 Every side samples the same latent size, steps, sampler and cfg: the plain side a batch of two
 images of one prompt (stock nodes only); "p2p" a one-target word swap (source + edit: two images),
@@ -10,8 +12,15 @@ attention maps that P2P Attention Maps shows: the controller always does); "p2p+
 swap with a local blend on the swapped words. The UNets are
 ComfyUI's real SD1.5 / SDXL architectures with random weights at the full layout and spatial size;
 ``--width`` sets model_channels (320 is the real width; the CPU default is narrower so that a run
-takes minutes). The text encoder is the tests' tiny one: its width only sizes the cross-attention
-key/value projections, which cost nothing here. Each model runs in a fresh subprocess; timed runs
+takes minutes). The DiTs are ComfyUI's Flux.1 dev (guidance-distilled: cfg 1, no unconditional
+branch) and SD3.5 Medium (MMDiT-X, cfg 4.5) at 1024x1024 (a 64x64 token grid after the text);
+``--width`` sets the hidden size (Flux.1: 3072 in 24 heads of 128; SD3.5 Medium: 1536), and the
+depth follows it as MMDiT's own rule does (SD3: ``width / 64`` joint blocks, the first half with
+MMDiT-X's second attention; Flux.1: its 19 double and 38 single blocks scaled by ``width / 3072``),
+so the CPU default is a shallow, narrow model with the real head size, token counts and attention
+layout. The text encoder is the tests' tiny one (for the DiTs, the one of tests/tiny_dit_models.py,
+whose T5 gives SD3.5's conditioning its real 4096 columns): its width only sizes the key/value
+projections of the text, which cost nothing here. Each model runs in a fresh subprocess; timed runs
 of the three modes are interleaved and the fastest reported. Peak memory is the CUDA allocator's peak
 on a GPU; on a CPU it is the highest resident memory during a run above the level before it, with
 glibc told to hand freed memory straight back (so it follows live tensors; expect a few MiB of noise).
@@ -45,34 +54,72 @@ LAYOUTS = {
         "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
         "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
         "use_linear_in_transformer": True, "num_heads": -1, "num_head_channels": 64, "num_classes": "sequential"}},
+    # DiTs: the tiny kind whose text encoder they use, the full width, and the sampling settings.
+    "flux": {"kind": "flux_dev", "size": 1024, "full_width": 3072, "cpu_width": 256, "cfg": 1.0, "scheduler": "simple"},
+    "sd35": {"kind": "sd35", "size": 1024, "full_width": 1536, "cpu_width": 256, "cfg": 4.5, "scheduler": "sgm_uniform"},
 }
+UNET_CFG, UNET_WIDTHS = 7.5, (64, 320)  # cfg; model_channels on a CPU, on a GPU (the real width)
+FLUX_HEAD, FLUX_BLOCKS = 128, (19, 38)  # Flux.1's head size, double and single blocks at its full width
+
+
+def dit_config(name: str, width: int) -> object:
+    """ComfyUI's model config of the Flux.1 dev or SD3.5 Medium layout at ``width`` (see the module
+    docstring), with the tiny text encoders' widths."""
+    import comfy.supported_models
+    import tiny_dit_models
+
+    detected = tiny_dit_models.DETECTED[LAYOUTS[name]["kind"]]
+    if name == "flux":
+        double, single = (max(1, round(blocks * width / LAYOUTS[name]["full_width"])) for blocks in FLUX_BLOCKS)
+        unet = dict(detected, hidden_size=width, num_heads=width // FLUX_HEAD, depth=double, depth_single_blocks=single)
+        return comfy.supported_models.Flux(unet)
+    depth = width // 64
+    embedder = detected["context_embedder_config"]
+    unet = dict(detected, depth=depth, x_block_self_attn_layers=list(range(depth // 2 + 1)),
+                context_embedder_config=dict(embedder, params=dict(embedder["params"], out_features=width)))
+    return comfy.supported_models.SD3(unet)
+
+
+def unet_config(name: str, width: int) -> object:
+    """ComfyUI's model config of the SD1.5 or SDXL UNet at model_channels ``width``."""
+    import comfy.supported_models
+    import tiny_models
+
+    context = {"sd15": tiny_models.SD15_CONTEXT, "sdxl": tiny_models.SDXL_CONTEXT}[name]
+    unet = dict(LAYOUTS[name]["unet"], model_channels=width, context_dim=context, in_channels=4, out_channels=4, image_size=32,
+                use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False)
+    if name == "sdxl":
+        unet["adm_in_channels"] = tiny_models.SDXL_ADM
+    return {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[name](unet)
 
 
 def run_model(model_name: str, width: int, steps: int, repeats: int) -> dict:
-    """Build the model once, then for every mode: one run for peak memory; then ``repeats`` rounds
-    of one timed run per mode, interleaved so that a slow spell of the machine hits every mode."""
+    """Build the model once, then for every mode: a warm-up run, then one run for peak memory; then
+    ``repeats`` rounds of one timed run per mode, interleaved so that a slow spell of the machine hits
+    every mode."""
     import torch
 
     import comfy_host
+    import tiny_dit_models
     import tiny_models
 
     host = comfy_host.boot(Path(tempfile.mkdtemp(prefix="p2p-bench-")))
-    tiny_models.register_tiny_architectures()
     layout = LAYOUTS[model_name]
+    dit = "unet" not in layout
     import comfy.model_management
     import comfy.model_patcher
-    import comfy.supported_models
 
     device = comfy.model_management.get_torch_device()
-    path = tiny_models.write_tiny_checkpoint(layout["kind"], host.work_dir / "models" / "checkpoints" / "clip.safetensors")
+    clip_file = host.work_dir / "models" / "checkpoints" / "clip.safetensors"
+    if dit:
+        tiny_dit_models.register_tiny_dit_architectures()
+        path = tiny_dit_models.write_tiny_dit_checkpoint(layout["kind"], clip_file, seed=0)
+    else:
+        tiny_models.register_tiny_architectures()
+        path = tiny_models.write_tiny_checkpoint(layout["kind"], clip_file)
     with torch.inference_mode():
         _, clip, _, _ = host.sd.load_checkpoint_guess_config(str(path), output_vae=False)
-    context = {"sd15": tiny_models.SD15_CONTEXT, "sdxl": tiny_models.SDXL_CONTEXT}[model_name]
-    unet = dict(layout["unet"], model_channels=width, context_dim=context, in_channels=4, out_channels=4, image_size=32,
-                use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False)
-    if model_name == "sdxl":
-        unet["adm_in_channels"] = tiny_models.SDXL_ADM
-    config = {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[model_name](unet)
+    config = dit_config(model_name, width) if dit else unet_config(model_name, width)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     config.set_inference_dtype(dtype, None)
     with torch.no_grad():
@@ -88,24 +135,28 @@ def run_model(model_name: str, width: int, steps: int, repeats: int) -> dict:
     size = layout["size"]
     edits = host.pack.p2p_attention.edits
     runs = {}
+    cfg, scheduler = layout.get("cfg", UNET_CFG), layout.get("scheduler", "normal")
+    empty = nodes.NODE_CLASS_MAPPINGS["EmptySD3LatentImage" if dit else "EmptyLatentImage"]()
     with torch.inference_mode():
         negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
         positive = nodes.CLIPTextEncode().encode(clip, SOURCE)[0]
-        runs["plain"] = (model, positive, nodes.EmptyLatentImage().generate(size, size, 2)[0])
+        runs["plain"] = (model, positive, empty.generate(size, size, 2)[0])
         swap = edits.add_target(None, SOURCE, TARGET, edits.WORD_SWAP, "P2P Word Swap")
         blend = edits.local_blend(swap, "cat", "dog", "", 0.3, 0.2, None, edits.UNION, "P2P Local Blend")
         for mode, edit in (("p2p", swap), ("p2p+blend", blend)):
-            latent = nodes.EmptyLatentImage().generate(size, size, 1)[0]
+            latent = empty.generate(size, size, 1)[0]
             runs[mode] = host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(model, clip, edit, latent, 0.8, 0.4)
 
     def sample(mode: str) -> None:
         sampled_model, positive, latent = runs[mode]
         with torch.inference_mode():
-            nodes.KSampler().sample(sampled_model, 1, steps, 7.5, "euler", "normal", positive, negative, latent)
+            nodes.KSampler().sample(sampled_model, 1, steps, cfg, "euler", scheduler, positive, negative, latent)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     comfy.model_management.load_models_gpu([model])
+    for mode in MODES:  # warm-up: one-off allocations of a first run (kernels, caches) count for no mode
+        sample(mode)
     results = {mode: {"times": []} for mode in MODES}
     for mode in MODES:
         if device.type == "cuda":
@@ -154,7 +205,8 @@ class _RssPeak:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(LAYOUTS), nargs="*", default=sorted(LAYOUTS))
-    parser.add_argument("--width", type=int, default=None, help="model_channels (320 = real; default 64 on CPU, 320 on GPU)")
+    parser.add_argument("--width", type=int, default=None, help="UNets: model_channels (320 = real; default 64 on CPU, 320 on GPU); "
+                        "DiTs: hidden size (Flux.1 3072, SD3.5 Medium 1536 = real and the GPU default; 256 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="default 2 on CPU, 20 on GPU")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", metavar="MODEL", help=argparse.SUPPRESS)
@@ -162,21 +214,28 @@ def main() -> None:
     import torch
 
     gpu = torch.cuda.is_available()
-    width = args.width or (320 if gpu else 64)
     steps = args.steps or (20 if gpu else 2)
+
+    def width_of(name: str) -> int:
+        layout = LAYOUTS[name]
+        full, cpu = (layout["full_width"], layout["cpu_width"]) if "full_width" in layout else (UNET_WIDTHS[1], UNET_WIDTHS[0])
+        return args.width or (full if gpu else cpu)
+
     if args.one:
-        print(json.dumps(run_model(args.one, width, steps, args.repeats)))
+        print(json.dumps(run_model(args.one, width_of(args.one), steps, args.repeats)))
         return
-    print(f"device: {'cuda' if gpu else 'cpu'}, model_channels {width}, {steps} euler steps, cfg 7.5, batch of 2 images, fastest of {args.repeats}")
+    print(f"device: {'cuda' if gpu else 'cpu'}, {steps} euler steps, batch of 2 images, fastest of {args.repeats}")
     # Freed memory goes straight back to the system, so that resident memory follows live tensors.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     for name in args.model:
+        width = width_of(name)
         command = [sys.executable, __file__, "--one", name, "--width", str(width), "--steps", str(steps), "--repeats", str(args.repeats)]
         output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
         results = json.loads(output.strip().splitlines()[-1])
         plain = results["plain"]
-        size = LAYOUTS[name]["size"]
-        print(f"{name} {size}x{size}: plain {plain['seconds']:.2f}s, peak {plain['peak_bytes'] / 2**20:.0f} MiB")
+        size, layout = LAYOUTS[name]["size"], LAYOUTS[name]
+        print(f"{name} {size}x{size}, width {width}, cfg {layout.get('cfg', UNET_CFG)}: plain {plain['seconds']:.2f}s, "
+              f"peak {plain['peak_bytes'] / 2**20:.0f} MiB")
         for mode in MODES[1:]:
             edit = results[mode]
             print(

@@ -12,7 +12,7 @@ from ..p2p_attention.edits import P2PEdit, parse_word_values
 from ..p2p_attention.errors import P2PError
 from ..p2p_attention.ranges import FRACTION
 from .invert_node import check_inverted_latent
-from .patch import CONDITIONING_KEY, install, layout_of, model_family, percent_to_sigma
+from .patch import CONDITIONING_KEY, SUPPORTED, install, layout_of, model_family, percent_to_sigma
 from .tokenize import encode_prompt
 
 
@@ -84,7 +84,7 @@ class P2PController:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "An SD1.x, SD2.x or SDXL model."}),
+                "model": ("MODEL", {"tooltip": f"An {SUPPORTED} model (the DiT ones need ComfyUI v0.3.64 or later)."}),
                 "clip": ("CLIP", {"tooltip": "The model's CLIP, used to tokenize and encode the edit's prompts."}),
                 "p2p_edit": ("P2P_EDIT", {"tooltip": "From P2P Word Swap, P2P Refine or P2P Reweight."}),
                 "latent": (

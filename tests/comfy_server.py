@@ -170,6 +170,9 @@ return app.graph._nodes.map(n => ({
     category: (LiteGraph.registered_node_types[n.type] || {}).category || null,
     has_errors: !!n.has_errors,
     widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value})),
+    // [x, y, width, height] on the canvas, title bar included; at least the size its widgets need
+    // (the page draws widgets past a node's saved size when it is too small for them)
+    bounds: (([x, y, w, h], [minW, minH]) => [x, y, Math.max(w, minW), h - n.size[1] + Math.max(n.size[1], minH)])(n.getBounding(), n.computeSize()),
 }));
 """
 

@@ -14,6 +14,7 @@ import tiny_models
 import workflow_api
 
 WORKFLOWS = comfy_host.REPO_ROOT / "workflows"
+DIT_KINDS = {name: kind for kind, name in tiny_dit_models.REAL_FILE_NAMES.items()}  # real file name -> tiny DiT kind
 CAPTURED: dict[str, Any] = {}
 
 
@@ -120,19 +121,16 @@ def load_tiny_dit(host: comfy_host.Host, tiny_dit_checkpoint):
 
 
 def dit_kind(workflow: dict) -> str | None:
-    """The tiny DiT kind whose real checkpoint file name a UI-format workflow loads, if any."""
-    kinds = {name: kind for kind, name in tiny_dit_models.REAL_FILE_NAMES.items()}
-    for node in workflow["nodes"]:
-        if node["type"] == "CheckpointLoaderSimple" and node["widgets_values"][0] in kinds:
-            return kinds[node["widgets_values"][0]]
-    return None
+    """The tiny DiT kind standing for the DiT checkpoint a workflow (UI format) loads; None for SD ones."""
+    loaded = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    return next((DIT_KINDS[name] for name in loaded if name in DIT_KINDS), None)
 
 
 @pytest.fixture(scope="session")
 def run_workflow(host: comfy_host.Host, tiny_dit_checkpoint: Any):
     """Run a shipped workflow (UI format) unchanged but for the checkpoint file, through the executor:
-    a DiT workflow loads the tiny checkpoint of its kind (skips on a host without DiTs), any other
-    the tiny ``kind``."""
+    the tiny SD ``kind``, or the tiny DiT standing for the DiT checkpoint it loads (skipped on a host
+    without DiT models)."""
 
     def run(name: str, kind: str = "sd15", edit: Any = None) -> dict[str, Any]:
         workflow = json.loads((WORKFLOWS / name).read_text())

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -25,7 +26,6 @@ from PIL import Image
 from comfy_host import REPO_ROOT
 from comfy_server import OPEN_DIALOGS, ComfyPage, ComfyServer, wait_for_prompt
 from conftest import WORKFLOWS, dit_kind
-from tiny_dit_models import unsupported_reason
 
 WORKFLOW_FILES = sorted(WORKFLOWS.glob("*.json"))
 # A few steps show that the graph runs end to end in seconds; test_workflows runs the shipped counts.
@@ -55,6 +55,15 @@ def widget_inputs(node_info: dict) -> list[str]:
             if (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES) and not options.get("forceInput"):
                 names.append(name)
     return names
+
+
+def overlapping(bounds: dict[int, list[float]]) -> list[tuple[int, int]]:
+    """The pairs of nodes whose rectangles ``[x, y, width, height]`` overlap."""
+    ids = sorted(bounds)
+    return [
+        (a, b) for i, a in enumerate(ids) for b in ids[i + 1:]
+        if all(bounds[a][d] < bounds[b][d] + bounds[b][d + 2] and bounds[b][d] < bounds[a][d] + bounds[a][d + 2] for d in (0, 1))
+    ]
 
 
 def missing_node_dialogs(page: ComfyPage) -> list[str]:
@@ -92,16 +101,18 @@ def save_screenshot(page: ComfyPage, path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", WORKFLOW_FILES, ids=lambda p: p.stem)
-def test_workflow_loads_and_runs_in_the_page(ui_server: ComfyServer, page: ComfyPage, path: Path):
+def test_workflow_loads_and_runs_in_the_page(ui_server: ComfyServer, page: ComfyPage, path: Path, tiny_dit_checkpoint: Any):
     workflow = json.loads(path.read_text())
-    if dit_kind(workflow) and unsupported_reason():
-        pytest.skip(unsupported_reason())  # a Flux workflow on a host without Flux
+    if dit_kind(workflow):
+        tiny_dit_checkpoint(dit_kind(workflow))  # skips on a host without the DiT models (and their stock nodes)
     stage_input_images(workflow, ui_server)
     page.open_workflow(path)
     assert not missing_node_dialogs(page)
 
     nodes = page.graph_nodes()
     assert [n["type"] for n in nodes if not n["registered"] or n["has_errors"]] == []
+    if dit_kind(workflow):  # the DiT workflows, as drawn: no node over another
+        assert overlapping({n["id"]: n["bounds"] for n in nodes}) == []
     info = ui_server.get_json("/object_info")
     saved = {n["id"]: n for n in workflow["nodes"]}
     p2p_nodes = [n for n in nodes if n["type"] in info and n["category"] and n["category"].startswith("P2P")]

@@ -6,10 +6,13 @@ these tests check the mechanism exactly, as test_p2p_sampling does for UNets.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from p2p_helpers import MapRecorder, assert_same, controller_of, edits, p2p, plain, refine, reweight, sample, swap
 
@@ -174,18 +177,112 @@ def test_words_are_typed_words_in_every_tokenizer(host, load_tiny_dit, kind):
     assert all(t.word >= 0 for t in prompt.tokens if t.role == "word")
 
 
-def test_unsupported_families_are_named(host, load_tiny):
-    """A real (tiny) Lumina 2 model: its family is named, with the supported ones."""
+class LargestTensor(TorchDispatchMode):
+    """Watches every tensor that ATen operations return (observing, not replacing them): the largest,
+    in elements, outside ``paused`` blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+        self.recording = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.recording:
+            self.largest = max([self.largest] + [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
+
+
+class FusedKernel:
+    """An attention override under P2P's (as another pack's): the model's own fused attention runs
+    inside it, unwatched; it keeps the shapes of the queries and keys it is given."""
+
+    def __init__(self, watch: LargestTensor) -> None:
+        self.watch = watch
+        self.shapes: list[tuple] = []
+
+    def __deepcopy__(self, memo: dict) -> "FusedKernel":
+        return self
+
+    def __call__(self, func: Any, q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.shapes.append((tuple(q.shape), tuple(k.shape)))
+        with self.watch.paused():
+            return func(q, k, *args, **kwargs)
+
+
+def test_the_joint_attention_matrix_is_never_formed(host, load_tiny_dit):
+    """A Flux double block's joint attention at 1024x1024 (a 64x64 token grid after the text), called
+    as the block calls it, with a swap inside both replace windows. Apart from the model's fused
+    kernel, no tensor the edit builds holds every head's image-to-text probabilities at once (they
+    are formed a block of queries at a time), let alone one head's image-query x joint-key matrix;
+    the text's share of the joint softmax comes from the fused call over the whole joint sequence."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    model, clip, _ = load_tiny_dit("flux_dev")
+    watch = LargestTensor()
+    kernel = FusedKernel(watch)
+    underneath = model.clone()
+    underneath.model_options["transformer_options"]["optimized_attention_override"] = kernel
+    patched, _, _ = p2p(host, underneath, clip, swap(host, PROMPT, TARGET), cross=0.8, self_=0.4, size=1024)
+    controller = controller_of(host, patched)
+    patch = host.pack.nodes.patch
+    text, grid, heads, dim = controller.columns_width, (64, 64), 4, 16
+    image = grid[0] * grid[1]
+    options = {
+        **patched.model_options["transformer_options"],
+        patch.LAYOUT_KEY: patch.TokenLayout(grid=grid, patch=2, text=text),
+        "cond_or_uncond": [0],  # Flux.1 dev: the conditional branch alone
+        "sigmas": torch.tensor([1.0]),  # the first step: inside every window
+        "block_type": "double",
+        "block_index": 0,
+    }
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(controller.images, heads, text + image, dim, generator=generator) for _ in range(3))
+    with watch:
+        out = optimized_attention(q, k, v, heads, skip_reshape=True, transformer_options=options)
+    every_head_to_text, one_head_joint = heads * image * text, image * (text + image)
+    assert one_head_joint > every_head_to_text
+    assert 0 < watch.largest < every_head_to_text, f"the edit built a tensor of {watch.largest} elements"
+    assert kernel.shapes and all(qs[2] == ks[2] == text + image for qs, ks in kernel.shapes)  # the fused calls see the whole joint sequence
+    plain_out = optimized_attention(q, k, v, heads, skip_reshape=True)
+    assert not torch.allclose(out[1:, text:], plain_out[1:, text:], atol=1e-4)  # the edit acted on the targets' image queries
+    with watch:  # the watch does see a joint matrix when one is formed
+        (q[0, 0, text:] @ k[0, 0].T).softmax(dim=-1)
+    assert watch.largest == one_head_joint
+
+
+# Tiny configs of real families this pack does not edit, by ComfyUI config class: Lumina 2 (a DiT,
+# v0.3.75) and Stable Cascade's stage C (no UNet blocks; present in both hosts).
+UNSUPPORTED = {
+    "Lumina2": {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32, "n_layers": 1,
+                "n_heads": 2, "n_kv_heads": 2, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512], "qk_norm": True, "rope_theta": 10000.0},
+    "Stable_Cascade_C": {"stable_cascade_stage": "c", "c_r": 8, "c_cond": 32, "c_hidden": [32, 32], "nhead": [2, 2], "blocks": [[1, 1], [1, 1]],
+                         "block_repeat": [[1, 1], [1, 1]], "c_clip_text": 32, "c_clip_text_pooled": 32, "c_clip_img": 32},
+}
+
+
+@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
+def test_unsupported_families_are_named(host, load_tiny, family):
+    """A real (tiny) model of a family this pack does not edit: the error names its model class and the supported families."""
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.Lumina2(
-        {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 32, "n_layers": 1,
-         "n_heads": 2, "n_kv_heads": 2, "axes_dims": [8, 12, 12], "axes_lens": [300, 512, 512], "qk_norm": True, "rope_theta": 10000.0}
-    )
-    model = comfy.model_patcher.ModelPatcher(config.get_model({}), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=r"\[P2P Controller › model\] Lumina2 models are not supported.*Flux\.1.*Qwen-Image"):
-        p2p(host, model, load_tiny("sd15")[1], swap(host, PROMPT, TARGET))
+    config_class = getattr(comfy.supported_models, family, None)
+    if config_class is None:
+        pytest.skip(f"this ComfyUI ({host.version}) has no {family} models")
+    model = config_class(UNSUPPORTED[family]).get_model({})
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    named = rf"\[P2P Controller › model\] {type(model).__name__} models are not supported.*SDXL.*Flux\.1.*Qwen-Image"
+    with pytest.raises(host.pack.p2p_attention.errors.P2PError, match=named):
+        p2p(host, patcher, load_tiny("sd15")[1], swap(host, PROMPT, TARGET))
 
 
 class MapRecorderPerImage(MapRecorder):

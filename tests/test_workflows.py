@@ -20,7 +20,11 @@ IMAGES = {
     "p2p_real_image.json": 2,  # the reconstructed image, the edit
     "p2p_flux_real_image.json": 2,  # the same on Flux.1 dev (FireFlow; skipped on hosts without Flux)
     "p2p_coexistence.json": 2,  # Self-Attention Guidance and P2P on one model
+    "p2p_flux_word_swap_maps.json": 4,  # source, edit, a maps grid for each
+    "p2p_sd35_refine.json": 2,
+    "p2p_qwen_image_reweight_blend.json": 3,  # source, edit, the blend mask
 }
+DIT_SIZE = 256  # the DiT workflows ship 1024x1024 and 20-28 steps; a CPU runs the same graph at this size and 4 steps
 
 
 def fewer_steps(prompt: dict) -> None:
@@ -33,7 +37,16 @@ def fewer_steps(prompt: dict) -> None:
             node["inputs"]["null_text_iterations"] = 1
 
 
-EDITS = {"p2p_real_image.json": fewer_steps, "p2p_flux_real_image.json": fewer_steps}
+def smaller(prompt: dict) -> None:
+    for node in prompt.values():
+        if node["class_type"] == "EmptySD3LatentImage":
+            node["inputs"].update(width=DIT_SIZE, height=DIT_SIZE)
+        if node["class_type"] == "KSampler":
+            node["inputs"]["steps"] = 4
+
+
+DIT_WORKFLOWS = ("p2p_flux_word_swap_maps.json", "p2p_sd35_refine.json", "p2p_qwen_image_reweight_blend.json")
+EDITS = {"p2p_real_image.json": fewer_steps, "p2p_flux_real_image.json": fewer_steps, **{name: smaller for name in DIT_WORKFLOWS}}
 
 
 def test_every_workflow_is_listed():
@@ -50,9 +63,20 @@ def test_workflow_runs_through_the_executor(host, run_workflow, name):
             shutil.copy(WORKFLOWS / node["widgets_values"][0], host.folder_paths.get_input_directory())
     files = saved_images(host, run_workflow(name, edit=EDITS.get(name)))
     assert len(files) == IMAGES[name]
+    size = DIT_SIZE if name in DIT_WORKFLOWS else 512
     for path in files:
         with Image.open(path) as image:
             if path.name.startswith("p2p_attention_maps"):
-                assert image.width > 512  # a grid of token tiles
+                assert image.width > size  # a grid of token tiles
             else:
-                assert image.size == (512, 512)
+                assert image.size == (size, size)
+
+
+@pytest.mark.parametrize("name", DIT_WORKFLOWS)
+def test_dit_workflows_read_left_to_right_with_a_note(name):
+    """test_browser checks that no node is drawn over another."""
+    workflow = json.loads((WORKFLOWS / name).read_text())
+    at = {n["id"]: tuple(n["pos"]) for n in workflow["nodes"]}  # (x, y): every link goes right, or down a column
+    assert all(at[source][0] < at[target][0] or (at[source][0] == at[target][0] and at[source][1] < at[target][1])
+               for _, source, _, target, _, _ in workflow["links"])
+    assert any(n["type"] == "Note" and n["widgets_values"][0] for n in workflow["nodes"])
