@@ -80,13 +80,15 @@ def stage_input_images(workflow: dict, server: ComfyServer) -> None:
             shutil.copy(WORKFLOWS / node["widgets_values"][0], server.input_dir)
 
 
-def save_thumbnail(page: ComfyPage, path: Path) -> None:
-    """The workflow's P2P nodes, drawn large, cropped and letterboxed into a small 4:3 JPEG."""
+def save_thumbnail(page: ComfyPage, p2p_nodes: list[dict], path: Path) -> None:
+    """The workflow's P2P nodes up to its P2P Controller (the edit, not the outputs' nodes far to the
+    right), drawn large, cropped and letterboxed into a small 4:3 JPEG."""
+    controller_x = next(n["bounds"][0] for n in p2p_nodes if n["type"] == "P2PController")
     page.resize(1200, 900)
-    x, y, width, height = page.fit_view(prefix="P2P")
+    x, y, width, height = page.fit_view(ids=[n["id"] for n in p2p_nodes if n["bounds"][0] <= controller_x])
     shot = Image.open(io.BytesIO(page.driver.get_screenshot_as_png())).convert("RGB")
     page.resize(*VIEWPORT)
-    pad = 12
+    pad = BADGE_HEIGHT + 4  # the badges above the top nodes' titles stay in the picture
     crop = shot.crop((int(x) - pad, int(y) - pad, int(x + width) + pad, int(y + height) + pad))
     aspect = THUMBNAIL_SIZE[0] / THUMBNAIL_SIZE[1]
     frame = (max(crop.width, round(crop.height * aspect)), max(crop.height, round(crop.width / aspect)))
@@ -129,7 +131,7 @@ def test_workflow_loads_and_runs_in_the_page(ui_server: ComfyServer, page: Comfy
         assert [w["value"] for w in node["widgets"]] == saved[node["id"]]["widgets_values"]
 
     if WRITE_DOCS and dit_kind(workflow):
-        save_thumbnail(page, path.with_suffix(".jpg"))
+        save_thumbnail(page, p2p_nodes, path.with_suffix(".jpg"))
     for name, value in QUICK_WIDGETS.items():
         page.set_widgets(name, value)
     page.fit_view()
