@@ -44,7 +44,7 @@ def laid_out(graph: list[dict]) -> list[dict]:
     column: dict[int, int] = {}
     for node in graph:  # the graphs list every node after its inputs
         column[node["id"]] = 1 + max((column[src] for src in sources[node["id"]]), default=-1)
-    for node in reversed(graph):
+    for node in reversed(graph):  # an edit node or a latent beside what it feeds, not far left with the loader
         consumers = [column[n["id"]] for n in graph if node["id"] in sources[n["id"]]]
         if not sources[node["id"]] and consumers:
             column[node["id"]] = min(consumers) - 1
@@ -300,13 +300,12 @@ def with_model_patch(graph: list[dict], patch: dict) -> list[dict]:
 
 
 STEPS_NOTE = "KSampler's steps and seed: the source and the edit share them (the same seed keeps the layout)."
-SWAP_NOTE = (
-    "Word swap: the source prompt's picture, then the target's with the source's layout.\n\n"
-    "Change: the source (top box) and target (bottom box) in P2P Word Swap, the same prompt but for a word or two; "
-    f"the checkpoint (any SD1.x, SD2.x or SDXL). {STEPS_NOTE}"
-)
 NOTES = {
-    "p2p_word_swap.json": SWAP_NOTE,
+    "p2p_word_swap.json": (
+        "Word swap: the source prompt's picture, then the target's with the source's layout.\n\n"
+        "Change: the source (top box) and target (bottom box) in P2P Word Swap, the same prompt but for a word or two; "
+        f"the checkpoint (any SD1.x, SD2.x or SDXL). {STEPS_NOTE}"
+    ),
     "p2p_refine.json": (
         "Refine: words added to the prompt, the rest keeps the source's layout.\n\n"
         f"Change: the source (top box) and target (bottom box) in P2P Refine; cross_replace_steps in the P2P Controller "
@@ -431,7 +430,6 @@ WORKFLOWS = {
         {"id": 17, "type": "SaveImage", "size": (600, 300), "widgets": {"filename_prefix": "p2p_attention_maps"}, "in": {"images": (16, 0)}},
     ],
     "p2p_real_image.json": real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky", NOTES["p2p_real_image.json"]),
-    "p2p_flux_real_image.json": flux_real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky", NOTES["p2p_flux_real_image.json"]),
     # Stock Self-Attention Guidance already holds an attn1 replace patch in one of P2P's slots.
     "p2p_coexistence.json": with_model_patch(
         edit_graph([swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle")], 2, NOTES["p2p_coexistence.json"]),
@@ -468,7 +466,8 @@ QWEN_NOTE = (
 
 
 def dit_workflows() -> dict[str, list[dict]]:
-    """Flux.1 dev word swap with maps, SD3.5 refine, Qwen-Image reweight with local blend."""
+    """Flux.1 dev word swap with maps, SD3.5 refine, Qwen-Image reweight with local blend, the
+    Flux.1 dev real-image edit."""
     flux = edit_graph(
         [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle")], 2,
         scheduler="simple", checkpoint=FLUX_DEV, latent="EmptySD3LatentImage", size=DIT_SIZE, cfg=1.0, negative="",
@@ -497,7 +496,9 @@ def dit_workflows() -> dict[str, list[dict]]:
         {"id": 16, "type": "P2PBlendMask", "size": (220, 50), "in": {"model": (11, 0), "samples": (13, 0)}},
         {"id": 17, "type": "SaveImage", "size": (400, 300), "widgets": {"filename_prefix": "p2p_blend_mask"}, "in": {"images": (16, 1)}},
     ]
-    return {"p2p_flux_word_swap_maps.json": flux, "p2p_sd35_refine.json": sd35, "p2p_qwen_image_reweight_blend.json": qwen}
+    real_image = flux_real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky", NOTES["p2p_flux_real_image.json"])
+    return {"p2p_flux_word_swap_maps.json": flux, "p2p_sd35_refine.json": sd35, "p2p_qwen_image_reweight_blend.json": qwen,
+            "p2p_flux_real_image.json": real_image}
 
 
 def main() -> None:

@@ -124,7 +124,7 @@ def write_thumbnails(host: comfy_host.Host) -> None:
     checkpoint = world_model.install_world_checkpoint(host.work_dir / "models" / "checkpoints")
     for path in sd_workflows():
         outputs = demo.run_workflow(host, path.name, checkpoint, world=True)
-        first = outputs[min(outputs, key=int)]  # the first Save Image: source and edits (later ones: masks, maps)
+        first = outputs[min(outputs, key=int)]  # the lowest id: the Save Image of the source and edits (masks, maps: later ids)
         label = "tiny world model: " + " | ".join(["source"] + ["edit"] * (len(first) - 1))
         thumbnail([Image.open(p) for p in first], label).save(path.with_suffix(".jpg"), quality=88)
         print("wrote", path.with_suffix(".jpg"))
