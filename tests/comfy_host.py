@@ -20,6 +20,8 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_FOLDER = "comfyui-p2p-attention"
+# Current ComfyUI's template browser shows workflows/<name>.jpg beside each workflow; the pack's are this size.
+THUMBNAIL_SIZE = (512, 384)
 
 
 class HostError(RuntimeError):

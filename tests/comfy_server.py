@@ -183,13 +183,13 @@ for (const button of document.querySelectorAll('.comfy-modal-content > button, .
     if (button.checkVisibility()) button.click();
 """
 
-# Scale and pan the canvas so the graph (or its nodes whose type starts with a prefix) fits inside
+# Scale and pan the canvas so the graph (or the nodes with the given ids) fits inside
 # the given margins (the menus' room); returns where those nodes are drawn: [x, y, width, height].
 FIT_VIEW_JS = """
-const [left, top, right, bottom] = arguments[0], prefix = arguments[1];
+const [left, top, right, bottom] = arguments[0], ids = arguments[1];
 const canvas = app.canvas, element = canvas.canvas, title = LiteGraph.NODE_TITLE_HEIGHT;
 let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
-for (const n of app.graph._nodes.filter(n => n.type.startsWith(prefix))) {
+for (const n of app.graph._nodes.filter(n => ids === null || ids.includes(n.id))) {
     x0 = Math.min(x0, n.pos[0]); y0 = Math.min(y0, n.pos[1] - title);
     x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
 }
@@ -291,10 +291,10 @@ class ComfyPage:
         """Type ``value`` into every widget called ``name``; returns how many there were."""
         return self.js(SET_WIDGET_JS, name, value)
 
-    def fit_view(self, margins: tuple[int, int, int, int] = (90, 100, 230, 40), prefix: str = "") -> list[float]:
-        """Fit the nodes whose type starts with ``prefix`` (all by default) into the view; returns
-        their rectangle on the page."""
-        rect = self.js(FIT_VIEW_JS, list(margins), prefix)
+    def fit_view(self, margins: tuple[int, int, int, int] = (90, 100, 230, 40), ids: list[int] | None = None) -> list[float]:
+        """Fit the nodes with these ``ids`` (all by default) into the view; returns their rectangle
+        on the page."""
+        rect = self.js(FIT_VIEW_JS, list(margins), ids)
         time.sleep(0.3)  # the canvas redraws on its next animation frame
         return rect
 

@@ -6,9 +6,10 @@ missing and that every P2P node is drawn with its widgets holding the file's val
 counts down (as one would for a quick try on a CPU), click the queue button, wait for the prompt to
 finish and for the output images to show in the page.
 
-``P2P_WRITE_DOCS=1`` also writes the pictures the repository ships: docs/screenshot.png (the README's
-screenshot, after a run) and a same-name .jpg thumbnail beside each workflow (current ComfyUI shows
-it in its template browser). Run it on current ComfyUI, whose page is what users see now:
+``P2P_WRITE_DOCS=1`` also writes pictures the repository ships: docs/screenshot.png (the README's
+screenshot, after a run) and the same-name .jpg thumbnail (current ComfyUI shows it in its template
+browser) of each DiT workflow, its P2P nodes as drawn: those have no world model to show a result
+(the SD workflows' thumbnails are their results: scripts/make_doc_images.py --thumbnails). Run it on current ComfyUI, whose page is what users see now:
 ``P2P_WRITE_DOCS=1 COMFYUI_PATH=/path/to/ComfyUI .venv/bin/python -m pytest tests/test_browser.py``.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from comfy_host import REPO_ROOT
+from comfy_host import REPO_ROOT, THUMBNAIL_SIZE
 from comfy_server import OPEN_DIALOGS, ComfyPage, ComfyServer, wait_for_prompt
 from conftest import WORKFLOWS, dit_kind
 
@@ -33,10 +34,10 @@ QUICK_WIDGETS = {"steps": 3, "null_text_iterations": 1, "width": 256, "height": 
 RUN_TIMEOUT_S = 300
 WRITE_DOCS = os.environ.get("P2P_WRITE_DOCS") == "1"
 SCREENSHOT_WORKFLOW = "p2p_swap_reweight.json"
-THUMBNAIL_SIZE = (512, 384)
 VIEWPORT = (1600, 900)
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 MISSING = ("not found", "missing")  # words of both frontends' missing-node dialogs
+BADGE_HEIGHT = 20  # the current page draws a custom node's pack name above its title bar
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +58,14 @@ def widget_inputs(node_info: dict) -> list[str]:
     return names
 
 
-def overlapping(bounds: dict[int, list[float]]) -> list[tuple[int, int]]:
-    """The pairs of nodes whose rectangles ``[x, y, width, height]`` overlap."""
-    ids = sorted(bounds)
+def overlapping(bounds: dict[int, list[float]], top: float = 0) -> list[tuple[int, int]]:
+    """The pairs of nodes whose rectangles ``[x, y, width, height]``, each grown by ``top`` upwards,
+    overlap."""
+    grown = {i: [x, y - top, width, height + top] for i, (x, y, width, height) in bounds.items()}
+    ids = sorted(grown)
     return [
         (a, b) for i, a in enumerate(ids) for b in ids[i + 1:]
-        if all(bounds[a][d] < bounds[b][d] + bounds[b][d + 2] and bounds[b][d] < bounds[a][d] + bounds[a][d + 2] for d in (0, 1))
+        if all(grown[a][d] < grown[b][d] + grown[b][d + 2] and grown[b][d] < grown[a][d] + grown[a][d + 2] for d in (0, 1))
     ]
 
 
@@ -77,13 +80,15 @@ def stage_input_images(workflow: dict, server: ComfyServer) -> None:
             shutil.copy(WORKFLOWS / node["widgets_values"][0], server.input_dir)
 
 
-def save_thumbnail(page: ComfyPage, path: Path) -> None:
-    """The workflow's P2P nodes, drawn large, cropped and letterboxed into a small 4:3 JPEG."""
+def save_thumbnail(page: ComfyPage, p2p_nodes: list[dict], path: Path) -> None:
+    """The workflow's P2P nodes up to its P2P Controller (the edit, not the outputs' nodes far to the
+    right), drawn large, cropped and letterboxed into a small 4:3 JPEG."""
+    controller_x = next(n["bounds"][0] for n in p2p_nodes if n["type"] == "P2PController")
     page.resize(1200, 900)
-    x, y, width, height = page.fit_view(prefix="P2P")
+    x, y, width, height = page.fit_view(ids=[n["id"] for n in p2p_nodes if n["bounds"][0] <= controller_x])
     shot = Image.open(io.BytesIO(page.driver.get_screenshot_as_png())).convert("RGB")
     page.resize(*VIEWPORT)
-    pad = 12
+    pad = BADGE_HEIGHT + 4  # the badges above the top nodes' titles stay in the picture
     crop = shot.crop((int(x) - pad, int(y) - pad, int(x + width) + pad, int(y + height) + pad))
     aspect = THUMBNAIL_SIZE[0] / THUMBNAIL_SIZE[1]
     frame = (max(crop.width, round(crop.height * aspect)), max(crop.height, round(crop.width / aspect)))
@@ -111,21 +116,22 @@ def test_workflow_loads_and_runs_in_the_page(ui_server: ComfyServer, page: Comfy
 
     nodes = page.graph_nodes()
     assert [n["type"] for n in nodes if not n["registered"] or n["has_errors"]] == []
-    if dit_kind(workflow):  # the DiT workflows, as drawn: no node over another
-        assert overlapping({n["id"]: n["bounds"] for n in nodes}) == []
+    assert overlapping({n["id"]: n["bounds"] for n in nodes}, top=BADGE_HEIGHT) == [], "no node (or its badge) over another"
     info = ui_server.get_json("/object_info")
     saved = {n["id"]: n for n in workflow["nodes"]}
     p2p_nodes = [n for n in nodes if n["type"] in info and n["category"] and n["category"].startswith("P2P")]
     assert p2p_nodes, "a shipped workflow shows at least one P2P node"
     for node in p2p_nodes:
         spec = info[node["type"]]
-        assert node["title"] == spec["display_name"] and node["title"].startswith("P2P ")
+        assert node["title"].startswith(spec["display_name"]) and node["title"].startswith("P2P ")
+        if {"source", "target"} <= set(widget_inputs(spec)):  # the page labels neither text box
+            assert "source" in node["title"] and "target" in node["title"]
         names = [w["name"] for w in node["widgets"]]
         assert names == widget_inputs(spec), f"{node['type']} is drawn with widgets {names}"
         assert [w["value"] for w in node["widgets"]] == saved[node["id"]]["widgets_values"]
 
-    if WRITE_DOCS:
-        save_thumbnail(page, path.with_suffix(".jpg"))
+    if WRITE_DOCS and dit_kind(workflow):
+        save_thumbnail(page, p2p_nodes, path.with_suffix(".jpg"))
     for name, value in QUICK_WIDGETS.items():
         page.set_widgets(name, value)
     page.fit_view()

@@ -72,11 +72,12 @@ def test_workflow_runs_through_the_executor(host, run_workflow, name):
                 assert image.size == (size, size)
 
 
-@pytest.mark.parametrize("name", DIT_WORKFLOWS)
-def test_dit_workflows_read_left_to_right_with_a_note(name):
-    """test_browser checks that no node is drawn over another."""
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_workflows_read_left_to_right_with_a_note(name):
+    """Every link leaves a node's right edge for a node further right (a wire never loops back
+    behind a node); a Note says what to change. test_browser checks that no node is drawn over another."""
     workflow = json.loads((WORKFLOWS / name).read_text())
-    at = {n["id"]: tuple(n["pos"]) for n in workflow["nodes"]}  # (x, y): every link goes right, or down a column
-    assert all(at[source][0] < at[target][0] or (at[source][0] == at[target][0] and at[source][1] < at[target][1])
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    assert all(nodes[source]["pos"][0] + nodes[source]["size"][0] < nodes[target]["pos"][0]
                for _, source, _, target, _, _ in workflow["links"])
-    assert any(n["type"] == "Note" and n["widgets_values"][0] for n in workflow["nodes"])
+    assert any(n["type"] == "Note" and "Change:" in n["widgets_values"][0] for n in workflow["nodes"])
