@@ -177,8 +177,15 @@ def edit_graph(
             "widgets": {"seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0},
             "in": {"model": (11, 0), "positive": positive, "negative": (12, 0), "latent_image": (11, 2)},
         },
+        *decode_and_save("p2p", note),
+    ]
+
+
+def decode_and_save(prefix: str, note: str) -> list[dict]:
+    """VAE Decode of the sampler's (node 13) output -> Save Image, and the graph's Note."""
+    return [
         {"id": 14, "type": "VAEDecode", "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
-        {"id": 15, "type": "SaveImage", "size": (400, 300), "widgets": {"filename_prefix": "p2p"}, "in": {"images": (14, 0)}},
+        {"id": 15, "type": "SaveImage", "size": (400, 300), "widgets": {"filename_prefix": prefix}, "in": {"images": (14, 0)}},
         note_of(note),
     ]
 
@@ -198,17 +205,25 @@ def swap(node_id: int, source: str, target: str, edit_in: int | None = None) -> 
 REAL_IMAGE = "p2p_real_image_input.jpg"  # shipped beside the workflows; copy it into ComfyUI's input folder
 
 
-def real_image_graph(source: str, target: str, note: str) -> list[dict]:
-    """Load Image -> VAE Encode -> P2P DDIM Invert -> P2P Controller -> KSamplerAdvanced (no added
-    noise, the inversion's steps, cfg and scheduler) -> VAE Decode -> Save Image."""
-    steps, cfg, scheduler = 50, 7.5, "ddim_uniform"  # the paper's DDIM schedule and guidance
+def picture_inputs(checkpoint: str, source: str, target: str) -> list[dict]:
+    """What a real-image edit starts from: the checkpoint, the word swap, the picture encoded, and
+    the source prompt and an empty negative for the inversion."""
     return [
-        {"id": 1, "type": "CheckpointLoaderSimple", "size": (320, 100), "widgets": {"ckpt_name": CHECKPOINT}},
+        {"id": 1, "type": "CheckpointLoaderSimple", "size": (320, 100), "widgets": {"ckpt_name": checkpoint}},
         {"id": 2, "type": "P2PWordSwap", "size": (420, 200), "widgets": {"source": source, "target": target}},
         {"id": 3, "type": "LoadImage", "size": (320, 320), "widgets": {"image": REAL_IMAGE}},
         {"id": 4, "type": "VAEEncode", "size": (220, 50), "in": {"pixels": (3, 0), "vae": (1, 2)}},
         {"id": 5, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": source}, "in": {"clip": (1, 1)}},
         {"id": 6, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": ""}, "in": {"clip": (1, 1)}},
+    ]
+
+
+def real_image_graph(source: str, target: str, note: str) -> list[dict]:
+    """Load Image -> VAE Encode -> P2P DDIM Invert -> P2P Controller -> KSamplerAdvanced (no added
+    noise, the inversion's steps, cfg and scheduler) -> VAE Decode -> Save Image."""
+    steps, cfg, scheduler = 50, 7.5, "ddim_uniform"  # the paper's DDIM schedule and guidance
+    return [
+        *picture_inputs(CHECKPOINT, source, target),
         {
             "id": 7,
             "type": "P2PDDIMInvert",
@@ -233,9 +248,7 @@ def real_image_graph(source: str, target: str, note: str) -> list[dict]:
             },
             "in": {"model": (11, 0), "positive": (11, 1), "negative": (6, 0), "latent_image": (11, 2)},
         },
-        {"id": 14, "type": "VAEDecode", "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
-        {"id": 15, "type": "SaveImage", "size": (400, 300), "widgets": {"filename_prefix": "p2p_real_image"}, "in": {"images": (14, 0)}},
-        note_of(note),
+        *decode_and_save("p2p_real_image", note),
     ]
 
 
@@ -248,12 +261,7 @@ def flux_real_image_graph(source: str, target: str, note: str) -> list[dict]:
     FluxGuidance on the prompts, BasicScheduler with the inversion's steps and scheduler)."""
     steps, scheduler, guidance = 8, "simple", 3.5  # FireFlow's few steps; Flux.1 dev's scheduler and guidance
     return [
-        {"id": 1, "type": "CheckpointLoaderSimple", "size": (320, 100), "widgets": {"ckpt_name": FLUX_CHECKPOINT}},
-        {"id": 2, "type": "P2PWordSwap", "size": (420, 200), "widgets": {"source": source, "target": target}},
-        {"id": 3, "type": "LoadImage", "size": (320, 320), "widgets": {"image": REAL_IMAGE}},
-        {"id": 4, "type": "VAEEncode", "size": (220, 50), "in": {"pixels": (3, 0), "vae": (1, 2)}},
-        {"id": 5, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": source}, "in": {"clip": (1, 1)}},
-        {"id": 6, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": ""}, "in": {"clip": (1, 1)}},
+        *picture_inputs(FLUX_CHECKPOINT, source, target),
         {"id": 7, "type": "FluxGuidance", "size": (320, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (5, 0)}},
         {
             "id": 8,
@@ -286,9 +294,7 @@ def flux_real_image_graph(source: str, target: str, note: str) -> list[dict]:
                 "model": (11, 0), "positive": (12, 0), "negative": (6, 0), "sampler": (8, 2), "sigmas": (9, 0), "latent_image": (11, 2),
             },
         },
-        {"id": 14, "type": "VAEDecode", "size": (220, 50), "in": {"samples": (13, 0), "vae": (1, 2)}},
-        {"id": 15, "type": "SaveImage", "size": (400, 300), "widgets": {"filename_prefix": "p2p_flux_real_image"}, "in": {"images": (14, 0)}},
-        note_of(note),
+        *decode_and_save("p2p_flux_real_image", note),
     ]
 
 
