@@ -303,6 +303,7 @@ class P2PDDIMInvert:
         inverting.set_model_unet_function_wrapper(calls)
         sample_from_given_latent(inverting)  # the sampler function gets the image's latent itself
         found: dict[str, Any] = {}
+        model_input_scale = input_scale(model)
 
         def sampler_function(model_k: Any, x: torch.Tensor, _sigmas: torch.Tensor, extra_args: dict, callback: Any = None, disable: Any = None) -> torch.Tensor:
             base, cond, uncond = sampler_conds(model_k, extra_args)
@@ -311,7 +312,7 @@ class P2PDDIMInvert:
             if method == FIREFLOW:
                 path = fireflow_inversion(x, sigmas, denoise_cond, tick)
             else:
-                path = ddim_inversion(x, sigmas, denoise_cond, input_scale(model), tick)
+                path = ddim_inversion(x, sigmas, denoise_cond, model_input_scale, tick)
             found["path"] = path
             if method == NULL_TEXT:
                 start = negative[0][0].to(x.device, torch.float32)
@@ -326,7 +327,7 @@ class P2PDDIMInvert:
                         calls.embedding = None
 
                 found["embeddings"] = null_text_inversion(
-                    path, sigmas, denoise_cond, denoise_uncond, start, cfg, null_text_iterations, early_stop, input_scale(model), tick
+                    path, sigmas, denoise_cond, denoise_uncond, start, cfg, null_text_iterations, early_stop, model_input_scale, tick
                 )
             return path[0]
 
