@@ -21,6 +21,8 @@ import copy
 import math
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +42,21 @@ LATENT_PENALTY = 1e-3  # keeps the VAE's latents small (its decoder squashes the
 SAVE_EVERY_S = 60.0
 
 
-def render_dataset(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
+def render_picture(scene: world_scenes.Scene) -> np.ndarray:
+    return world_scenes.render(scene)[0]
+
+
+def render_dataset(count: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
+    """``count`` scenes drawn in order from ``seed`` (so the dataset does not depend on ``workers``),
+    rendered by ``workers`` processes."""
     rng = np.random.default_rng(seed)
     scenes = [world_scenes.sample_scene(rng) for _ in range(count)]
-    images = np.stack([world_scenes.render(s)[0] for s in scenes])
-    return images, [world_scenes.caption(s) for s in scenes]
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            pictures = list(pool.map(render_picture, scenes, chunksize=256))
+    else:
+        pictures = [render_picture(s) for s in tqdm(scenes, desc="render", dynamic_ncols=True)]
+    return np.stack(pictures), [world_scenes.caption(s) for s in scenes]
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -126,8 +138,20 @@ def block_average_latents(images: np.ndarray) -> torch.Tensor:
     return torch.cat([(2 * means - 1) * LATENT_RANGE, torch.zeros_like(means[:, :1])], dim=1)
 
 
+def load_vae(vae: torch.nn.Module, checkpoint: Path) -> None:
+    """TAESD's weights from a world checkpoint (its ``first_stage_model.`` keys, as the family saved them)."""
+    import comfy.utils
+
+    prefix = "first_stage_model."
+    weights = comfy.utils.load_torch_file(str(checkpoint))
+    vae.load_state_dict({k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)})
+
+
 def train_vae(parts, images: np.ndarray, state: State, args: argparse.Namespace) -> None:
     vae = parts.vae.to(args.device)
+    if args.vae_from:  # a trained world model's VAE: this phase is done
+        load_vae(vae, args.vae_from)
+        return
     saved = state.load("vae")
     optimizer = torch.optim.Adam([p for n, p in vae.named_parameters() if n.startswith("taesd_")], lr=args.vae_lr)
     step = 0
@@ -167,7 +191,7 @@ def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State,
     if saved is not None and saved["count"] == len(images):
         return saved
     with torch.no_grad():
-        if args.vae_steps == 0:  # the untouched block-average start: its latents are block means
+        if args.vae_steps == 0 and not args.vae_from:  # the untouched block-average start: its latents are block means
             latents = block_average_latents(images)
             exact = parts.vae.taesd_encoder(to_tensor(images[:16]).to(args.device)).cpu()
             torch.testing.assert_close(latents[:16], exact, atol=1e-4, rtol=1e-4)
@@ -188,42 +212,50 @@ def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State,
     return dataset
 
 
+def keep_saved_tensors(tensor: torch.Tensor) -> torch.Tensor:
+    """What autograd saves for backward, copied where later in-place ops could change it: ComfyUI's
+    CLIP and Flux blocks add their residuals in place (``x += ...``). (``allow_mutation_on_saved_tensors``
+    does the same through a Python dispatch mode on every op: a GPU step ran 3x slower.)"""
+    return tensor if tensor.is_leaf else tensor.clone()
+
+
 def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """Trains until ``--steps`` or until ``--minutes`` of this session are spent (the state is saved
-    either way); returns the EMA of the weights."""
+    either way); returns the EMA of the weights. With ``--minutes``, the learning-rate schedule is
+    fitted to the time: after its first 100 timed steps, it ends at the steps the rest of the time allows."""
     modules = {name: m.to(args.device) for name, m in parts.trainable().items()}
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    step = 0
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=args.device.startswith("cuda"))
+    step, planned = 0, args.steps
     saved = state.load("denoiser")
     if saved is not None:
         for name in modules:
             modules[name].load_state_dict(saved["modules"][name])
             ema[name].load_state_dict(saved["ema"][name])
         optimizer.load_state_dict(saved["optimizer"])
-        step = saved["step"]
-    latents, tokens, empty = (dataset[k].to(args.device) for k in ("latents", "tokens", "empty"))
+        step, planned = saved["step"], saved.get("planned", args.steps)
+    latents = dataset["latents"].to(args.device)
+    tokens, empty = dataset["tokens"], dataset["empty"]  # on the CPU: the text encoder reads their lengths there
     with torch.no_grad():
         torch.testing.assert_close(parts.encode_tokens(tokens[:4]), parts.text_encoder()(tokens[:4].tolist())[0], rtol=1e-4, atol=1e-4)
     skipped = 0
     deadline = time.monotonic() + 60 * args.minutes
     last_save = time.monotonic()
-    with tqdm(total=args.steps, initial=step, desc=family.name, dynamic_ncols=True) as bar:
-        while step < args.steps:
+    timing = (step + 20, step + 120)  # steps between which the speed is measured (after warm-up)
+    with tqdm(total=planned, initial=step, desc=family.name, dynamic_ncols=True) as bar:
+        while step < planned:
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            picks = torch.randint(0, len(latents), (args.batch,), generator=generator).to(args.device)
+            picks = torch.randint(0, len(latents), (args.batch,), generator=generator)
             batch_tokens = tokens[picks].clone()
-            dropped = (torch.rand(args.batch, generator=generator) < CAPTION_DROPOUT).to(args.device)
-            batch_tokens[dropped] = empty
+            batch_tokens[torch.rand(args.batch, generator=generator) < CAPTION_DROPOUT] = empty
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, args.steps, args.lr, 200)
+                group["lr"] = cosine_lr(step, planned, args.lr, 200)
             optimizer.zero_grad(set_to_none=True)
-            # ComfyUI's CLIP text model adds its residuals in place: let autograd keep what it saved.
-            with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            with torch.autograd.graph.saved_tensors_hooks(keep_saved_tensors, lambda tensor: tensor):
                 cond = parts.encode_tokens(batch_tokens)
-                loss = family.loss(parts, latents[picks].float(), cond, generator)
-                loss.backward()
+                loss = family.loss(parts, latents[picks.to(args.device)].float(), cond, generator)
+            loss.backward()
             if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):
                 optimizer.step()
             else:  # a rare overflow must not turn every weight into NaN
@@ -236,17 +268,25 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", skipped=skipped)
+            if step == timing[0]:
+                timed_from = time.monotonic()
+            if step == timing[1] and math.isfinite(args.minutes):
+                rate = (timing[1] - timing[0]) / (time.monotonic() - timed_from)
+                planned = min(planned, step + int(rate * (deadline - time.monotonic())))
+                bar.total = planned
+                print(f"\n{rate:.1f} steps/s: the schedule ends at step {planned}")
             out_of_time = time.monotonic() > deadline
-            if time.monotonic() - last_save > SAVE_EVERY_S or step == args.steps or out_of_time:
+            if time.monotonic() - last_save > SAVE_EVERY_S or step == planned or out_of_time:
                 state.save("denoiser", {
                     "modules": {n: m.state_dict() for n, m in modules.items()},
                     "ema": {n: m.state_dict() for n, m in ema.items()},
                     "optimizer": optimizer.state_dict(),
                     "step": step,
+                    "planned": planned,
                 })
                 last_save = time.monotonic()
             if out_of_time:
-                print(f"--minutes {args.minutes} spent at step {step} of {args.steps}: the same command goes on from here")
+                print(f"--minutes {args.minutes} spent at step {step} of {planned}: the same command goes on from here")
                 break
     return ema
 
@@ -278,6 +318,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=3000, help="pictures in the dataset (each encoded once)")
     parser.add_argument("--vae-steps", type=int, default=0, help="VAE fine-tuning steps (0: the block-average start)")
+    parser.add_argument("--vae-from", type=Path, help="take the VAE of this world checkpoint instead of training one")
     parser.add_argument("--vae-batch", type=int, default=12)
     parser.add_argument("--vae-lr", type=float, default=2e-4)
     parser.add_argument("--steps", type=int, default=1500, help="denoiser steps")
@@ -285,11 +326,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="processes that render the dataset")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train (a GPU when there is one)")
     parser.add_argument("--minutes", type=float, default=math.inf, help="stop the denoiser after this long, save, and write the checkpoint")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # a GPU's fast float32 matmuls
 
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -297,7 +340,7 @@ def main() -> None:
     family = world_model.FAMILIES[args.family]
     parts = family.build()
     state = State(args.state / f"{args.family}-seed{args.seed}")
-    images, captions = render_dataset(args.images, args.seed)
+    images, captions = render_dataset(args.images, args.seed, args.workers)
     train_vae(parts, images, state, args)
     dataset = encode_dataset(parts, images, captions, state, args)
     del images
