@@ -187,13 +187,21 @@ def with_model_options(clip_class: type, options: dict[str, Any], name: str) -> 
     return TinyTextEncoders
 
 
-def flux_clip_target(clip_l: dict[str, Any], t5: dict[str, Any], name: str) -> Any:
+def flux_clip_target(clip_l: dict[str, Any], t5: dict[str, Any], name: str, t5_min_length: int | None = None) -> Any:
     """Flux.1's text encoders (``FluxClipModel``: CLIP-L's pooled vector, T5's tokens) at the given
-    sizes, with the real Flux tokenizer."""
+    sizes, with the real Flux tokenizer; ``t5_min_length`` replaces the 256 tokens it pads T5's to
+    (through the ``t5xxl_min_length`` tokenizer data ComfyUI's ``SDTokenizer`` reads)."""
     import comfy.supported_models_base as base
     import comfy.text_encoders.flux as flux_te
 
-    return base.ClipTarget(flux_te.FluxTokenizer, with_model_options(
+    tokenizer = flux_te.FluxTokenizer
+    if t5_min_length is not None:
+        class PaddedFluxTokenizer(flux_te.FluxTokenizer):
+            def __init__(self, embedding_directory: Any = None, tokenizer_data: dict | None = None) -> None:
+                super().__init__(embedding_directory, {**(tokenizer_data or {}), "t5xxl_min_length": t5_min_length})
+
+        tokenizer = PaddedFluxTokenizer
+    return base.ClipTarget(tokenizer, with_model_options(
         flux_te.flux_clip(), {"clip_l_model_config": clip_l, "t5xxl_model_config": t5}, name))
 
 
