@@ -112,16 +112,16 @@ def _world_flux_class() -> type:
 
 
 def register_world_architecture(family: str = "sd15") -> type:
-    """Put the world models' configs first in ComfyUI's model registry (idempotent; after boot);
-    returns ``family``'s."""
+    """Put ``family``'s world model config first in ComfyUI's model registry and return it
+    (idempotent; after boot). One family at a time: the 2024 host has no Flux to build on."""
     import comfy.supported_models as supported
 
-    if not _REGISTERED:
-        _REGISTERED.update(sd15=_world_sd15_class(), flux=_world_flux_class())
-    for cls in _REGISTERED.values():
-        if cls not in supported.models:
-            supported.models.insert(0, cls)
-    return _REGISTERED[family]
+    if family not in _REGISTERED:
+        _REGISTERED[family] = {"sd15": _world_sd15_class, "flux": _world_flux_class}[family]()
+    cls = _REGISTERED[family]
+    if cls not in supported.models:
+        supported.models.insert(0, cls)
+    return cls
 
 
 # --- model families: what the training script needs of one --------------------------------------
