@@ -8,7 +8,8 @@ Three phases, each resumable from the state folder (``--state``, outside git): t
 encoder and decoder, on crops of world pictures), the dataset (scenes rendered, captions tokenized
 with the family's ComfyUI tokenizers, pictures encoded once by the trained encoder), and the denoiser
 with its text encoder, trained jointly (the family's loss: SD1.x eps prediction for ``sd15``, flow
-matching for ``flux``; 10% of the captions dropped for classifier-free guidance; an EMA of the weights is what gets saved). Stopping
+matching for ``flux``; 10% of the captions dropped for classifier-free guidance; an EMA of the
+weights is what gets saved). Stopping
 (Ctrl-C, or ``--minutes`` running out) saves the state and writes the checkpoint of the steps so
 far; running the same command again goes on from there. Everything is drawn from ``--seed`` (on
 the CPU, so a GPU run draws the same batches and noise). The result is one checkpoint that the stock CheckpointLoaderSimple loads once the
