@@ -6,9 +6,10 @@
 
 Three phases, each resumable from the state folder (``--state``, outside git): the VAE (TAESD,
 encoder and decoder, on crops of world pictures), the dataset (scenes rendered, captions tokenized
-with ComfyUI's CLIP tokenizer, pictures encoded once by the trained encoder), and the denoiser with
-its text encoder, trained jointly (the family's loss: SD1.x eps prediction for ``sd15``; 10% of the
-captions dropped for classifier-free guidance; an EMA of the weights is what gets saved). Stopping
+with the family's ComfyUI tokenizers, pictures encoded once by the trained encoder), and the denoiser
+with its text encoder, trained jointly (the family's loss: SD1.x eps prediction for ``sd15``, flow
+matching for ``flux``; 10% of the captions dropped for classifier-free guidance; an EMA of the
+weights is what gets saved). Stopping
 (Ctrl-C, or ``--minutes`` running out) saves the state and writes the checkpoint of the steps so
 far; running the same command again goes on from there. Everything is drawn from ``--seed`` (on
 the CPU, so a GPU run draws the same batches and noise). The result is one checkpoint that the stock CheckpointLoaderSimple loads once the
@@ -64,14 +65,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
 
 
-def token_ids(clip, text: str) -> list[int]:
-    """The 77 token ids ComfyUI's CLIPTextEncode gives the text encoder for a short prompt."""
-    chunks = clip.tokenize(text)["l"]
-    if len(chunks) != 1:
-        raise ValueError(f"caption longer than one 77-token chunk: {text!r}")
-    return [int(token) for token, _ in chunks[0]]
-
-
 class State:
     """One file per phase in the state folder, written atomically."""
 
@@ -101,7 +94,7 @@ LATENT_RANGE = 1.0  # the block-average start's latents: colour 0..1 -> -1..1 (T
 
 def start_as_block_average(vae: torch.nn.Module) -> None:
     """Start TAESD as an autoencoder that already works: the encoder averages each 8x8 block's colour
-    into three latent channels (its stride-2 convs as 2x2 means), the decoder repeats it (nearest
+    into three latent channels, the others zero (its stride-2 convs as 2x2 means), the decoder repeats it (nearest
     upsampling, its convs as identities), so pictures come back as 8 px mosaics. Each residual block
     starts as the identity (its last conv zero, the others at their default initialisation, so that
     training reaches them). Fine-tuning (``--vae-steps``) then adds the detail inside the blocks."""
@@ -126,32 +119,23 @@ def start_as_block_average(vae: torch.nn.Module) -> None:
         latent_out.weight.zero_()
         latent_out.weight[colours, colours, 1, 1] = 2 * LATENT_RANGE
         latent_out.bias[:3] = -LATENT_RANGE
-        latent_in.weight.zero_()
+        # The decoder reads the spare latent channels (zero at the start, so the start is exact) with
+        # its default weights: zeroed on both sides, they would get no gradient and never learn.
+        latent_in.weight[:, colours].zero_()
         latent_in.weight[colours, colours, 1, 1] = 0.5 / LATENT_RANGE
         latent_in.bias[:3] = 0.5
 
 
-def block_average_latents(images: np.ndarray) -> torch.Tensor:
-    """What the block-average start of TAESD's encoder computes, without running it."""
+def block_average_latents(images: np.ndarray, channels: int) -> torch.Tensor:
+    """What the block-average start of TAESD's encoder computes, without running it: the colour
+    means, then zeros in the latent channels beyond them (1 for sd15, 13 for flux)."""
     x = to_tensor(images)
     means = torch.nn.functional.avg_pool2d(x, 8)
-    return torch.cat([(2 * means - 1) * LATENT_RANGE, torch.zeros_like(means[:, :1])], dim=1)
-
-
-def load_vae(vae: torch.nn.Module, checkpoint: Path) -> None:
-    """TAESD's weights from a world checkpoint (its ``first_stage_model.`` keys, as the family saved them)."""
-    import comfy.utils
-
-    prefix = "first_stage_model."
-    weights = comfy.utils.load_torch_file(str(checkpoint))
-    vae.load_state_dict({k[len(prefix):]: v.float() for k, v in weights.items() if k.startswith(prefix)})
+    return torch.nn.functional.pad((2 * means - 1) * LATENT_RANGE, (0, 0, 0, 0, 0, channels - 3))
 
 
 def train_vae(parts, images: np.ndarray, state: State, args: argparse.Namespace) -> None:
     vae = parts.vae.to(args.device)
-    if args.vae_from:  # a trained world model's VAE: this phase is done
-        load_vae(vae, args.vae_from)
-        return
     saved = state.load("vae")
     optimizer = torch.optim.Adam([p for n, p in vae.named_parameters() if n.startswith("taesd_")], lr=args.vae_lr)
     step = 0
@@ -191,8 +175,8 @@ def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State,
     if saved is not None and saved["count"] == len(images):
         return saved
     with torch.no_grad():
-        if args.vae_steps == 0 and not args.vae_from:  # the untouched block-average start: its latents are block means
-            latents = block_average_latents(images)
+        if args.vae_steps == 0:  # the untouched block-average start: its latents are block means
+            latents = block_average_latents(images, parts.vae.taesd_encoder[-1].out_channels)
             exact = parts.vae.taesd_encoder(to_tensor(images[:16]).to(args.device)).cpu()
             torch.testing.assert_close(latents[:16], exact, atol=1e-4, rtol=1e-4)
         else:
@@ -204,8 +188,8 @@ def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State,
         "count": len(images),
         "latents": (latents / std).to(torch.float16),
         "latent_std": std,
-        "tokens": torch.tensor([token_ids(parts.clip, c) for c in captions]),
-        "empty": torch.tensor(token_ids(parts.clip, "")),
+        "tokens": torch.tensor([parts.token_ids(c) for c in captions]),
+        "empty": torch.tensor(parts.token_ids("")),
         "captions": captions,
     }
     state.save("dataset", dataset)
@@ -223,6 +207,7 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
     """Trains until ``--steps`` or until ``--minutes`` of this session are spent (the state is saved
     either way); returns the EMA of the weights. With ``--minutes``, the learning-rate schedule is
     fitted to the time: after its first 100 timed steps, it ends at the steps the rest of the time allows."""
+    parts.clip.cond_stage_model.to(args.device)  # with the text encoders that stay fixed (flux's CLIP-L)
     modules = {name: m.to(args.device) for name, m in parts.trainable().items()}
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
@@ -238,7 +223,7 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
     latents = dataset["latents"].to(args.device)
     tokens, empty = dataset["tokens"], dataset["empty"]  # on the CPU: the text encoder reads their lengths there
     with torch.no_grad():
-        torch.testing.assert_close(parts.encode_tokens(tokens[:4]), parts.text_encoder()(tokens[:4].tolist())[0], rtol=1e-4, atol=1e-4)
+        parts.check_encode_tokens(tokens[:4])
     skipped = 0
     deadline = time.monotonic() + 60 * args.minutes
     last_save = time.monotonic()
@@ -297,12 +282,13 @@ def write_checkpoint(parts, family, ema: dict[str, torch.nn.Module], latent_std:
 
     for name, module in parts.trainable().items():
         module.cpu().load_state_dict(ema[name].state_dict())
+    parts.clip.cond_stage_model.cpu()
     parts.vae.cpu()
     with torch.no_grad():
         # ComfyUI hands the model (encoder output / vae_scale) * the latent format's scale_factor.
         parts.vae.vae_scale.fill_(parts.config.latent_format.scale_factor * latent_std)
     state = {k: (v.detach().to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in family.state_dict(parts).items()}
-    world_model.check_detection(state)
+    family.check_detection(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     comfy.utils.save_torch_file(state, str(partial))
@@ -314,11 +300,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="sd15", choices=sorted(world_model.FAMILIES))
     parser.add_argument("--state", type=Path, default=REPO / ".world_train", help="resumable state (outside git)")
-    parser.add_argument("--out", type=Path, default=world_model.WORLD_CHECKPOINT)
+    parser.add_argument("--out", type=Path, help="the checkpoint to write (default: the family's committed one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=3000, help="pictures in the dataset (each encoded once)")
     parser.add_argument("--vae-steps", type=int, default=0, help="VAE fine-tuning steps (0: the block-average start)")
-    parser.add_argument("--vae-from", type=Path, help="take the VAE of this world checkpoint instead of training one")
     parser.add_argument("--vae-batch", type=int, default=12)
     parser.add_argument("--vae-lr", type=float, default=2e-4)
     parser.add_argument("--steps", type=int, default=1500, help="denoiser steps")
@@ -345,7 +330,7 @@ def main() -> None:
     dataset = encode_dataset(parts, images, captions, state, args)
     del images
     ema = train_denoiser(parts, family, dataset, state, args)
-    write_checkpoint(parts, family, {n: m.cpu() for n, m in ema.items()}, dataset["latent_std"], args.out)
+    write_checkpoint(parts, family, {n: m.cpu() for n, m in ema.items()}, dataset["latent_std"], args.out or family.checkpoint)
     print(f"training session: {(time.perf_counter() - started) / 60:.1f} min")
 
 

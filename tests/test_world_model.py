@@ -6,8 +6,10 @@ The floor on P2P's edit quality with this model is ``test_edit_quality.py``.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+import tiny_dit_models
 import world_edits
 import world_model
 import world_scenes
@@ -24,6 +26,28 @@ def test_the_stock_loader_loads_the_world_model_and_clip_text_encode_is_its_text
         stock = host.nodes.CLIPTextEncode().encode(clip, text)[0][0][0]
         trained = clip.cond_stage_model.clip_l([[t for t, _ in tokens["l"][0]]])[0]  # what train_world.py calls
     torch.testing.assert_close(stock.float(), trained.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_flux_world_checkpoint_loads_with_the_stock_loader_and_clip_text_encode_is_its_trained_text_path(host, tmp_path):
+    """The flux family as ``scripts/train_world.py`` saves it (untrained: its layout is what is
+    checked); the committed flux checkpoint comes from a GPU run."""
+    reason = tiny_dit_models.unsupported_reason()
+    if reason:
+        pytest.skip(reason)
+    family = world_model.FAMILIES["flux"]
+    parts = family.build()
+    state = family.state_dict(parts)
+    family.check_detection(state)
+    host.utils.save_torch_file(state, str(tmp_path / "world_flux.safetensors"))
+    model, clip, vae = world_edits.load_world(host, "flux", tmp_path / "world_flux.safetensors")
+    assert type(model.model.model_config) is world_model.register_world_architecture("flux")
+    assert (type(vae.first_stage_model).__name__, vae.latent_channels) == ("TAESD", 16)
+    text = "a small red circle at the top left on a striped gray background"
+    with torch.inference_mode():
+        stock = host.nodes.CLIPTextEncode().encode(clip, text)[0][0]
+        trained = parts.encode_tokens(torch.tensor([parts.token_ids(text)]))
+    torch.testing.assert_close(stock[0].float(), trained["t5xxl"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stock[1]["pooled_output"].float(), trained["l"][1], rtol=1e-4, atol=1e-4)
 
 
 def test_the_scorer_reads_rendered_scenes_exactly():

@@ -174,29 +174,66 @@ def unsupported_reason() -> str | None:
             "the tiny DiT models need ComfyUI v0.3.75 (.hosts/comfyui-0.3.75)")
 
 
+def with_model_options(clip_class: type, options: dict[str, Any], name: str) -> type:
+    """``clip_class`` (a ComfyUI text encoder model) built with ``options`` added to its model
+    options: ``SDClipModel`` overrides its config with ``<model name>_model_config`` and
+    ``SD1ClipModel`` takes its encoder class from ``<name>_class``."""
+
+    class TinyTextEncoders(clip_class):
+        def __init__(self, device: Any = "cpu", dtype: Any = None, model_options: dict | None = None) -> None:
+            super().__init__(device=device, dtype=dtype, model_options={**(model_options or {}), **options})
+
+    TinyTextEncoders.__name__ = TinyTextEncoders.__qualname__ = name
+    return TinyTextEncoders
+
+
+def flux_clip_target(clip_l: dict[str, Any], t5: dict[str, Any], name: str, t5_min_length: int | None = None) -> Any:
+    """Flux.1's text encoders (``FluxClipModel``: CLIP-L's pooled vector, T5's tokens) at the given
+    sizes, with the real Flux tokenizer; ``t5_min_length`` replaces the 256 tokens it pads T5's to
+    (through the ``t5xxl_min_length`` tokenizer data ComfyUI's ``SDTokenizer`` reads)."""
+    import comfy.supported_models_base as base
+    import comfy.text_encoders.flux as flux_te
+
+    tokenizer = flux_te.FluxTokenizer
+    if t5_min_length is not None:
+        class PaddedFluxTokenizer(flux_te.FluxTokenizer):
+            def __init__(self, embedding_directory: Any = None, tokenizer_data: dict | None = None) -> None:
+                super().__init__(embedding_directory, {**(tokenizer_data or {}), "t5xxl_min_length": t5_min_length})
+
+        tokenizer = PaddedFluxTokenizer
+    return base.ClipTarget(tokenizer, with_model_options(
+        flux_te.flux_clip(), {"clip_l_model_config": clip_l, "t5xxl_model_config": t5}, name))
+
+
+def sized_config_class(real_name: str, detected: dict[str, Any], matched: tuple[str, ...], extra: dict[str, Any],
+                       clip_target: Any, name: str) -> type:
+    """A subclass of ComfyUI's real model config ``real_name`` that matches only the ``matched``
+    keys of ``detected`` (a small layout), builds its model with ``extra`` and its text encoders
+    from ``clip_target``."""
+    import comfy.supported_models as supported
+
+    real = getattr(supported, real_name)
+
+    class SizedConfig(real):
+        unet_config = {**real.unet_config, **{k: detected[k] for k in matched}}
+        unet_extra_config = {**real.unet_extra_config, **extra}
+
+        def clip_target(self, state_dict: Any = None) -> Any:
+            return clip_target
+
+    SizedConfig.__name__ = SizedConfig.__qualname__ = name
+    return SizedConfig
+
+
 def _classes() -> dict[str, type]:
     """The tiny model configs, built on ComfyUI's classes (imported only once the host is booted)."""
     import comfy.sd1_clip as sd1_clip
-    import comfy.supported_models as supported
     import comfy.supported_models_base as base
-    import comfy.text_encoders.flux as flux_te
     import comfy.text_encoders.llama as llama
     import comfy.text_encoders.pixart_t5 as pixart_t5
     import comfy.text_encoders.qwen_image as qwen_image_te
     import comfy.text_encoders.qwen_vl as qwen_vl
     import comfy.text_encoders.sd3_clip as sd3_clip
-
-    def with_model_options(clip_class: type, options: dict[str, Any], name: str) -> type:
-        """``clip_class`` (a ComfyUI text encoder model) built with ``options`` added to its model
-        options: ``SDClipModel`` overrides its config with ``<model name>_model_config`` and
-        ``SD1ClipModel`` takes its encoder class from ``<name>_class``."""
-
-        class TinyTextEncoders(clip_class):
-            def __init__(self, device: Any = "cpu", dtype: Any = None, model_options: dict | None = None) -> None:
-                super().__init__(device=device, dtype=dtype, model_options={**(model_options or {}), **options})
-
-        TinyTextEncoders.__name__ = TinyTextEncoders.__qualname__ = name
-        return TinyTextEncoders
 
     t5_options = {"t5xxl_model_config": T5}
 
@@ -244,8 +281,7 @@ def _classes() -> dict[str, type]:
                 enable_attention_masks=attention_mask, return_attention_masks=attention_mask, model_options=model_options or {})
 
     text_encoders = {
-        "flux": base.ClipTarget(flux_te.FluxTokenizer, with_model_options(
-            flux_te.flux_clip(), {"clip_l_model_config": CLIP_L, **t5_options}, "TinyFluxTextEncoders")),
+        "flux": flux_clip_target(CLIP_L, T5, "TinyFluxTextEncoders"),
         "chroma": base.ClipTarget(pixart_t5.PixArtTokenizer, with_model_options(
             pixart_t5.pixart_te(), t5_options, "TinyChromaTextEncoder")),
         "sd35": base.ClipTarget(sd3_clip.SD3Tokenizer, TinySD3TextEncoders),
@@ -254,18 +290,9 @@ def _classes() -> dict[str, type]:
     }
 
     def tiny_config(kind: str) -> type:
-        real = getattr(supported, REAL_CONFIGS[kind])
         target = text_encoders["flux" if kind.startswith("flux") else kind]
-
-        class TinyConfig(real):
-            unet_config = {**real.unet_config, **{k: DETECTED[kind][k] for k in _MATCHED[kind]}}
-            unet_extra_config = {**real.unet_extra_config, **EXTRA[kind]}
-
-            def clip_target(self, state_dict: Any = None) -> Any:
-                return target
-
-        TinyConfig.__name__ = TinyConfig.__qualname__ = f"Tiny_{REAL_CONFIGS[kind]}_{kind}"
-        return TinyConfig
+        return sized_config_class(REAL_CONFIGS[kind], DETECTED[kind], _MATCHED[kind], EXTRA[kind], target,
+                                  f"Tiny_{REAL_CONFIGS[kind]}_{kind}")
 
     configs = {kind: tiny_config(kind) for kind in KINDS}
 
@@ -337,7 +364,7 @@ def _scale_name(norm: torch.nn.Module) -> str:
     return name
 
 
-def _initialise(prefix: str, module: torch.nn.Module, seed: int, norm_scales: dict[str, float] | None = None,
+def initialise(prefix: str, module: torch.nn.Module, seed: int, norm_scales: dict[str, float] | None = None,
                 weight_gains: dict[str, float] | None = None, fixed: dict[str, torch.Tensor] | None = None) -> None:
     """``tiny_models``' deterministic initialisation, plus what its rules leave out: RMS-style norm
     scales 1 (or ``norm_scales[name]``), text encoders' logit scales as ComfyUI sets them, buffers
@@ -388,7 +415,7 @@ def _vae(kind: str, seed: int, latent_format: Any) -> Any:
     if kind == "qwen_image":
         wan = comfy.ldm.wan.vae.WanVAE(dim=WAN_VAE_DIM, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                                        temperal_downsample=[False, True, True], dropout=0.0)
-        _initialise("vae", wan, seed)
+        initialise("vae", wan, seed)
         return comfy.sd.VAE(sd=dict(wan.state_dict()))
     # vae_scale / vae_shift as ComfyUI's TAESD loader sets them: the decoder sees unit-scale latents.
     taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
@@ -407,9 +434,9 @@ def _build(kind: str, seed: int, peaked: bool) -> tuple[Any, Any, Any, Any]:
     model = config.get_model({}, "", device=torch.device("cpu"))
     fixed = {"pos_embed": _sd3_position_table(kind)} if kind == "sd35" else {}
     scales, gains = _dit_gains(model.diffusion_model) if peaked else ({}, {})
-    _initialise("dit", model.diffusion_model, seed, norm_scales=scales, weight_gains=gains, fixed=fixed)
+    initialise("dit", model.diffusion_model, seed, norm_scales=scales, weight_gains=gains, fixed=fixed)
     clip = comfy.sd.CLIP(config.clip_target())
-    _initialise("text", clip.cond_stage_model, seed)
+    initialise("text", clip.cond_stage_model, seed)
     return config, model, clip, _vae(kind, seed, config.latent_format)
 
 
@@ -425,16 +452,20 @@ def _state_dict(kind: str, seed: int, peaked: bool) -> dict[str, torch.Tensor]:
 
 
 def _check_detection(kind: str, state: dict[str, torch.Tensor]) -> None:
-    """The written model must be detected as the tiny config, with exactly the intended layout."""
+    check_detected(state, DETECTED[kind], tiny_dit_config_class(kind), f"tiny_dit_models: {kind}")
+
+
+def check_detected(state: dict[str, torch.Tensor], detected: dict[str, Any], config_class: type, what: str) -> None:
+    """A written checkpoint must be detected as ``config_class``, with exactly the ``detected`` layout."""
     import comfy.model_detection
 
-    detected = comfy.model_detection.detect_unet_config(state, "model.diffusion_model.")
-    if detected != DETECTED[kind]:
-        diff = {k: (detected.get(k), DETECTED[kind].get(k)) for k in set(detected) | set(DETECTED[kind]) if detected.get(k) != DETECTED[kind].get(k)}
-        raise RuntimeError(f"tiny_dit_models: {kind} is detected with a different layout (detected, intended): {diff}")
+    found = comfy.model_detection.detect_unet_config(state, "model.diffusion_model.")
+    if found != detected:
+        diff = {k: (found.get(k), detected.get(k)) for k in set(found) | set(detected) if found.get(k) != detected.get(k)}
+        raise RuntimeError(f"{what} is detected with a different layout (detected, intended): {diff}")
     config = comfy.model_detection.model_config_from_unet(dict(state), "model.diffusion_model.")
-    if type(config) is not tiny_dit_config_class(kind):
-        raise RuntimeError(f"tiny_dit_models: {kind} checkpoint is detected as {type(config).__name__}")
+    if type(config) is not config_class:
+        raise RuntimeError(f"{what} checkpoint is detected as {type(config).__name__}")
 
 
 def tiny_dit_state_dict(kind: str, seed: int = 0, peaked: bool = True) -> dict[str, torch.Tensor]:

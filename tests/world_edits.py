@@ -12,6 +12,7 @@ and for inversions the reconstruction's PSNR against the rendered picture.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,10 +148,11 @@ def score(edit: Edit, source_image: np.ndarray, masks: list[np.ndarray], image: 
 
 # --- running ---------------------------------------------------------------------------------------
 
-def load_world(host: Any) -> tuple[Any, Any, Any]:
-    """(model, clip, vae) of the committed world checkpoint, through the stock CheckpointLoaderSimple."""
-    world_model.register_world_architecture()
-    name = world_model.install_world_checkpoint(host.work_dir / "models" / "checkpoints")
+def load_world(host: Any, family: str = "sd15", checkpoint: Path | None = None) -> tuple[Any, Any, Any]:
+    """(model, clip, vae) of a family's world checkpoint (the committed one unless ``checkpoint`` is
+    given), through the stock CheckpointLoaderSimple."""
+    world_model.register_world_architecture(family)
+    name = world_model.install_world_checkpoint(host.work_dir / "models" / "checkpoints", family, checkpoint)
     with torch.inference_mode():
         return host.nodes.CheckpointLoaderSimple().load_checkpoint(name)[:3]
 

@@ -3,12 +3,12 @@ synthetic world of ``world_scenes`` by ``scripts/train_world.py``.
 
 Like ``tiny_models``, it is a test-only subclass of ComfyUI's real ``SD15`` model config with small
 widths, put first in ``comfy.supported_models.models`` so that the stock CheckpointLoaderSimple
-loads ``WORLD_CHECKPOINT``. Everything else is ComfyUI's: ``UNetModel``, the CLIP text model
-(``SDClipModel``, CLIP-L's last layer after the final layer norm, as SD1.x) with the real CLIP
-tokenizer, SD1.x's eps prediction and noise schedule (shifted to end at a higher noise level for the
-smaller latent, see ``SAMPLING_SETTINGS``), and TAESD as the VAE. (The stock loader builds
-a KL autoencoder only at its full width of 128 channels, ~80M parameters; a TAESD found in a
-checkpoint's ``first_stage_model.`` keys it loads as it is.)
+loads its checkpoint (``FAMILIES["sd15"].checkpoint``). Everything else is ComfyUI's: ``UNetModel``,
+the CLIP text model (``SDClipModel``, CLIP-L's last layer after the final layer norm, as SD1.x) with
+the real CLIP tokenizer, SD1.x's eps prediction and noise schedule (shifted to end at a higher noise
+level for the smaller latent, see ``SAMPLING_SETTINGS``), and TAESD as the VAE. (The stock
+loader builds a KL autoencoder only at its full width of 128 channels, ~80M parameters; a TAESD
+found in a checkpoint's ``first_stage_model.`` keys it loads as it is.)
 
 The layout mirrors SD1.5's at 1/4 of its latent size and 1/10 of its width, for 128 px images
 (16x16 latents): four levels (1/1, 1/2, 1/4, 1/8 of the latent), cross-attention at the first three
@@ -17,24 +17,33 @@ exist at every resolution SD1.5 has them, relative to the latent: Local Blend's 
 16x16 in SD1.5) and the two choices of self-attention replacement (1/2 and coarser, or 1/4 and
 coarser).
 
-A model family names how a family's checkpoint is built, trained and saved; ``sd15`` is the one
-implemented. A DiT family (ComfyUI's ``comfy.ldm.flux``) would add its own entry with a flow
-matching loss, and the training script would train it unchanged.
+A model family names how a family's checkpoint is built, trained and saved. ``flux`` is the same
+world in ComfyUI's real Flux.1-schnell architecture (``comfy.ldm.flux``, configs shared with
+``tiny_dit_models``): no guidance embedding, so it is sampled with real CFG and learns the
+unconditional branch from dropped captions as ``sd15`` does; 128 wide (4 heads of 32), 3 double and
+3 single blocks over 8x8 image tokens (16x16 latents, patch 2); flow matching as ComfyUI's CONST
+model sampling defines it; TAESD with Flux's 16 latent channels. Its text encoders are Flux's
+(``FluxClipModel`` with the real tokenizers, T5's padded to 64 tokens, not 256): T5 gives the tokens the image attends to and learns
+with the DiT; CLIP-L gives the pooled vector and stays fixed at its (deterministic) initialisation,
+as Flux.1 was trained on frozen encoders: the caption reaches the image through the T5 tokens'
+attention, which is what P2P controls, and a jointly trained pooled vector (which the P2P
+controller gives each prompt its own of) would be a second path for it, one that P2P cannot steer.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+import tiny_dit_models
 import tiny_models
 
 REPO = Path(__file__).resolve().parents[1]
-WORLD_CHECKPOINT = REPO / "tests" / "data" / "world_sd15.safetensors"
-WORLD_CHECKPOINT_NAME = "world_sd15.safetensors"  # its name in a checkpoints folder
+DATA = REPO / "tests" / "data"
 
 TEXT_WIDTH = 48
 TEXT_CONFIG = tiny_models.text_config(TEXT_WIDTH, "quick_gelu", layers=4, heads=4)
@@ -68,6 +77,19 @@ SAMPLING_SETTINGS = {"linear_end": 0.02}
 MATCH_KEYS = ("context_dim", "model_channels", "use_linear_in_transformer", "adm_in_channels", "use_temporal_attention",
               "transformer_depth", "channel_mult", "num_res_blocks")
 
+# Flux.1-schnell's layout (tiny_dit_models' Flux configs) at the world's sizes; T5-XXL's layout at
+# 48 wide (as sd15's text encoder); tiny_dit_models' CLIP-L (32 wide) for the pooled vector.
+FLUX_T5 = {"d_model": 48, "d_kv": 12, "num_heads": 4, "d_ff": 96, "num_layers": 3}
+# T5's tokens are padded to 64 (Flux pads to 256): as many as the 8x8 image tokens, so the text keeps
+# the minor share of the joint attention it has in Flux at real sizes (256 of 4352 tokens at
+# 1024 px), instead of 256 of 320; a training step is ~3.5x faster on the CPU. The longest world
+# caption has 37 T5 tokens.
+FLUX_T5_MIN_LENGTH = 64
+FLUX_DETECTED: dict[str, Any] = {
+    **tiny_dit_models.DETECTED["flux_schnell"], "hidden_size": 128, "context_in_dim": FLUX_T5["d_model"],
+    "vec_in_dim": tiny_dit_models.CLIP_L["hidden_size"], "depth": 3, "depth_single_blocks": 3,
+}
+
 _REGISTERED: dict[str, type] = {}
 
 
@@ -90,13 +112,21 @@ def _world_sd15_class() -> type:
     return WorldSD15
 
 
-def register_world_architecture() -> type:
-    """Put the world model's config first in ComfyUI's model registry (idempotent; after boot)."""
+def _world_flux_class() -> type:
+    target = tiny_dit_models.flux_clip_target(tiny_dit_models.CLIP_L, FLUX_T5, "WorldFluxTextEncoders", FLUX_T5_MIN_LENGTH)
+    # The matched keys are tiny_dit_models' own: its flux_schnell differs in depth and widths.
+    return tiny_dit_models.sized_config_class("FluxSchnell", FLUX_DETECTED, tiny_dit_models._MATCHED["flux_schnell"],
+                                              tiny_dit_models.EXTRA["flux_schnell"], target, "WorldFlux")
+
+
+def register_world_architecture(family: str = "sd15") -> type:
+    """Put ``family``'s world model config first in ComfyUI's model registry and return it
+    (idempotent; after boot). One family at a time: the 2024 host has no Flux to build on."""
     import comfy.supported_models as supported
 
-    if "sd15" not in _REGISTERED:
-        _REGISTERED["sd15"] = _world_sd15_class()
-    cls = _REGISTERED["sd15"]
+    if family not in _REGISTERED:
+        _REGISTERED[family] = {"sd15": _world_sd15_class, "flux": _world_flux_class}[family]()
+    cls = _REGISTERED[family]
     if cls not in supported.models:
         supported.models.insert(0, cls)
     return cls
@@ -106,41 +136,92 @@ def register_world_architecture() -> type:
 
 @dataclass
 class Parts:
-    """A family's trainable modules: the denoiser, the text encoder and the VAE, as ComfyUI builds them."""
+    """A family's trainable modules: the denoiser, the text encoders and the VAE, as ComfyUI builds them."""
 
     config: Any  # the registered model config (supported_models_base.BASE)
     model: Any  # comfy.model_base.BaseModel: .diffusion_model, .model_sampling
     clip: Any  # comfy.sd.CLIP: .tokenizer, .cond_stage_model
     vae: torch.nn.Module  # comfy.taesd.taesd.TAESD
+    encoders: dict[str, str]  # tokenizer key -> the cond_stage_model's SDClipModel attribute ("l" -> "clip_l")
+    trained: dict[str, torch.nn.Module]  # what learns (and is saved as the EMA), by name
 
-    def text_encoder(self) -> torch.nn.Module:
-        """The module CLIPTextEncode runs: ``SDClipModel`` (``forward(token lists) -> (cond, pooled)``)."""
-        return self.clip.cond_stage_model.clip_l
+    def encoder(self, key: str) -> torch.nn.Module:
+        """The ``SDClipModel`` CLIPTextEncode runs on the tokens of ``key`` (``forward(token lists) -> (cond, pooled)``)."""
+        return getattr(self.clip.cond_stage_model, self.encoders[key])
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """What ``text_encoder()`` computes for rows of 77 token ids, as one batched call
-        (``SDClipModel.forward`` walks every token of every row in Python, the bulk of a GPU training
-        step). v0.3.75's ``SDClipModel``; ``scripts/train_world.py`` checks it against the stock path.
-        ``tokens`` stay on the CPU, where their lengths are read without waiting for the GPU."""
-        encoder = self.text_encoder()
-        before_end = (tokens == encoder.special_tokens["end"]).int().cumsum(1) == 0
-        num_tokens = (before_end.sum(1) + 1).tolist()  # up to and including the first end token
-        device = encoder.transformer.get_input_embeddings().weight.device
-        embeds = encoder.transformer.get_input_embeddings()(tokens.to(device), out_dtype=torch.float32)
-        outputs = encoder.transformer(None, None, embeds=embeds, num_tokens=num_tokens, intermediate_output=encoder.layer_idx,
-                                      final_layer_norm_intermediate=encoder.layer_norm_hidden_state, dtype=torch.float32)
-        return outputs[0].float() if encoder.layer == "last" else outputs[1].float()
+    def token_ids(self, text: str) -> list[int]:
+        """The token ids ComfyUI's CLIPTextEncode gives the text encoders for a short prompt, the
+        encoders' rows side by side (one tensor row per caption keeps the dataset and the caption
+        dropout the same for every family); ``split_tokens`` takes them apart."""
+        tokens = self.clip.tokenize(text)
+        ids = []
+        for key, width in self.token_widths.items():
+            chunks = tokens[key]
+            if len(chunks) != 1 or len(chunks[0]) != width:
+                raise ValueError(f"caption is not one {width}-token chunk for {key}: {text!r}")
+            ids += [int(token) for token, _ in chunks[0]]
+        return ids
+
+    @cached_property
+    def token_widths(self) -> dict[str, int]:
+        """Tokens per encoder of a short prompt (CLIP's 77, T5 padded to its minimum length);
+        kept, since every training step splits its tokens by them."""
+        empty = self.clip.tokenize("")
+        return {key: len(empty[key][0]) for key in self.encoders}
+
+    def split_tokens(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows of ``token_ids`` -> each encoder's token ids."""
+        keys, widths = zip(*self.token_widths.items())
+        return dict(zip(keys, tokens.split(widths, dim=1)))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """(hidden states, pooled vector) of every encoder for rows of ``token_ids``, as one batched
+        call each (``SDClipModel.forward`` walks every token of every row in Python, the bulk of a
+        GPU training step). v0.3.75's ``SDClipModel``; ``check_encode_tokens`` compares them."""
+        return {key: _encode_batch(self.encoder(key), ids) for key, ids in self.split_tokens(tokens).items()}
+
+    def check_encode_tokens(self, tokens: torch.Tensor) -> None:
+        """``encode_tokens`` must give what the stock ``SDClipModel.forward`` gives."""
+        batched = self.encode_tokens(tokens)
+        for key, ids in self.split_tokens(tokens).items():
+            stock = self.encoder(key)(ids.tolist())[:2]
+            for ours, theirs in zip(batched[key], stock):
+                if theirs is not None:
+                    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
     def trainable(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.model.diffusion_model, "text": self.text_encoder()}
+        return self.trained
+
+
+def _encode_batch(encoder: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``SDClipModel.forward`` for a batch of token id rows (no textual-inversion embeddings, no
+    attention mask: neither world encoder has one)."""
+    before_end = (tokens == encoder.special_tokens["end"]).int().cumsum(1) == 0
+    num_tokens = (before_end.sum(1) + 1).tolist()  # up to and including the first end token (on the CPU: no wait for the GPU)
+    device = encoder.transformer.get_input_embeddings().weight.device
+    embeds = encoder.transformer.get_input_embeddings()(tokens.to(device), out_dtype=torch.float32)
+    outputs = encoder.transformer(None, None, embeds=embeds, num_tokens=num_tokens, intermediate_output=encoder.layer_idx,
+                                  final_layer_norm_intermediate=encoder.layer_norm_hidden_state, dtype=torch.float32)
+    hidden = outputs[0].float() if encoder.layer == "last" else outputs[1].float()
+    pooled = None  # SDClipModel's choice: the unprojected pooled output where asked and present
+    if len(outputs) >= 4 and not encoder.return_projected_pooled and outputs[3] is not None:
+        pooled = outputs[3].float()
+    elif len(outputs) >= 3 and outputs[2] is not None:
+        pooled = outputs[2].float()
+    return hidden, pooled
+
+
+Encoded = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # Parts.encode_tokens: key -> (hidden, pooled)
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
     build: Callable[[], Parts]
-    loss: Callable[[Parts, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]  # (parts, latents, cond, generator)
+    loss: Callable[[Parts, torch.Tensor, Encoded, torch.Generator], torch.Tensor]  # (parts, latents, encoded captions, generator)
     state_dict: Callable[[Parts], dict[str, torch.Tensor]]  # the checkpoint, as ComfyUI saves one
+    check_detection: Callable[[dict[str, torch.Tensor]], None]  # raises unless ComfyUI detects the checkpoint as this family
+    checkpoint: Path  # where the committed checkpoint lives
 
 
 def _reset(module: torch.nn.Module) -> None:
@@ -178,10 +259,10 @@ def _build_sd15() -> Parts:
     with torch.no_grad():
         vae.vae_scale.fill_(config.latent_format.scale_factor)
         clip.cond_stage_model.clip_l.logit_scale.fill_(4.6055)
-    return Parts(config, model, clip, vae)
+    return Parts(config, model, clip, vae, {"l": "clip_l"}, {"unet": model.diffusion_model, "text": clip.cond_stage_model.clip_l})
 
 
-def _sd15_loss(parts: Parts, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _sd15_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator: torch.Generator) -> torch.Tensor:
     """SD1.x's training objective: eps prediction at a uniform discrete timestep of its schedule,
     the input scaled as ComfyUI's EPS model sampling scales it (x = x0 + sigma * eps)."""
     sampling = parts.model.model_sampling
@@ -189,7 +270,7 @@ def _sd15_loss(parts: Parts, latents: torch.Tensor, cond: torch.Tensor, generato
     sigma = sampling.sigmas[steps].to(latents)[:, None, None, None]
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     noisy = latents + sigma * noise
-    prediction = parts.model.diffusion_model(noisy / (sigma**2 + 1).sqrt(), timesteps=steps.to(latents.device).float(), context=cond)
+    prediction = parts.model.diffusion_model(noisy / (sigma**2 + 1).sqrt(), timesteps=steps.to(latents.device).float(), context=encoded["l"][0])
     return torch.nn.functional.mse_loss(prediction, noise)
 
 
@@ -199,10 +280,7 @@ def _sd15_state_dict(parts: Parts) -> dict[str, torch.Tensor]:
     return parts.model.state_dict_for_saving(parts.clip.get_sd(), vae_sd, None)
 
 
-FAMILIES: dict[str, Family] = {"sd15": Family("sd15", _build_sd15, _sd15_loss, _sd15_state_dict)}
-
-
-def check_detection(state: dict[str, torch.Tensor]) -> None:
+def _check_sd15_detection(state: dict[str, torch.Tensor]) -> None:
     """A written checkpoint must be detected as the world model's config, with its exact layout."""
     import comfy.model_detection
 
@@ -215,10 +293,64 @@ def check_detection(state: dict[str, torch.Tensor]) -> None:
         raise RuntimeError(f"world model checkpoint is detected as {type(config).__name__}")
 
 
-def install_world_checkpoint(checkpoints_dir: Path) -> str:
-    """Link the committed checkpoint into a ComfyUI checkpoints folder; returns its file name there."""
-    link = Path(checkpoints_dir) / WORLD_CHECKPOINT_NAME
+def _build_flux() -> Parts:
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    cls = register_world_architecture("flux")
+    config = cls(json.loads(json.dumps(FLUX_DETECTED)))  # a deep copy, as detection returns it
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "", device=torch.device("cpu"))
+    clip = comfy.sd.CLIP(config.clip_target())
+    vae = comfy.taesd.taesd.TAESD(latent_channels=config.latent_format.latent_channels)
+    # tiny_dit_models' initialisation: it knows the RMS norms (Flux's q/k norms, T5's layer norms)
+    # that _reset does not; the usual variance-preserving one, without its attention gains.
+    tiny_dit_models.initialise("dit", model.diffusion_model, 0)
+    tiny_dit_models.initialise("text", clip.cond_stage_model, 0)
+    _reset(vae)
+    clip.cond_stage_model.to(torch.float32)
+    t5 = clip.cond_stage_model.t5xxl.requires_grad_(True)  # CLIP-L stays frozen (the module docstring says why)
+    with torch.no_grad():
+        vae.vae_scale.fill_(config.latent_format.scale_factor)
+        vae.vae_shift.fill_(config.latent_format.shift_factor)  # the model sees (latent - shift) * scale
+    return Parts(config, model, clip, vae, {"l": "clip_l", "t5xxl": "t5xxl"}, {"dit": model.diffusion_model, "t5": t5})
+
+
+def _flux_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator: torch.Generator) -> torch.Tensor:
+    """Rectified flow as ComfyUI's CONST model sampling defines it: x = (1 - sigma) x0 + sigma * noise,
+    the model predicts noise - x0 (its denoised is x - sigma * output), at a uniform sigma of the
+    model's own table (Flux.1-schnell's: shift 1, so t / 1000 for t = 1..1000)."""
+    sampling = parts.model.model_sampling
+    steps = torch.randint(0, len(sampling.sigmas), (latents.shape[0],), generator=generator)
+    sigma = sampling.sigmas[steps].to(latents)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    noisy = sampling.noise_scaling(sigma, noise, latents)
+    prediction = parts.model.diffusion_model(noisy, sampling.timestep(sigma), context=encoded["t5xxl"][0], y=encoded["l"][1])
+    return torch.nn.functional.mse_loss(prediction, noise - latents)
+
+
+def _flux_state_dict(parts: Parts) -> dict[str, torch.Tensor]:
+    return parts.model.state_dict_for_saving(parts.clip.get_sd(), dict(parts.vae.state_dict()), None)
+
+
+def _check_flux_detection(state: dict[str, torch.Tensor]) -> None:
+    tiny_dit_models.check_detected(state, FLUX_DETECTED, register_world_architecture("flux"), "world model (flux)")
+
+
+FAMILIES: dict[str, Family] = {
+    "sd15": Family("sd15", _build_sd15, _sd15_loss, _sd15_state_dict, _check_sd15_detection, DATA / "world_sd15.safetensors"),
+    "flux": Family("flux", _build_flux, _flux_loss, _flux_state_dict, _check_flux_detection, DATA / "world_flux.safetensors"),
+}
+
+
+def install_world_checkpoint(checkpoints_dir: Path, family: str = "sd15", checkpoint: Path | None = None) -> str:
+    """Link a family's checkpoint (the committed one unless ``checkpoint`` is given) into a ComfyUI
+    checkpoints folder; returns its file name there."""
+    source = Path(checkpoint or FAMILIES[family].checkpoint).resolve()
+    link = Path(checkpoints_dir) / source.name
+    if link.is_symlink() and link.resolve() != source:
+        link.unlink()
     if not link.exists():
         link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(WORLD_CHECKPOINT)
-    return WORLD_CHECKPOINT_NAME
+        link.symlink_to(source)
+    return source.name
