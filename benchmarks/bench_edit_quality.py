@@ -37,6 +37,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import comfy_host  # noqa: E402
 import world_edits  # noqa: E402
+import world_model  # noqa: E402
 import world_scenes  # noqa: E402
 
 METRICS = ("structure_iou", "edit_success", "background_psnr", "reconstruction_psnr")
@@ -50,13 +51,13 @@ def mean(values: list[float | None]) -> float | None:
 _WORKER: dict = {}
 
 
-def start_worker(threads: int) -> None:
+def start_worker(threads: int, family: str, checkpoint: Path | None) -> None:
     """A worker process: its own ComfyUI host (booted in a folder removed at exit) and world model."""
     torch.set_num_threads(threads)
     work = tempfile.mkdtemp(prefix="p2p-bench-")
     atexit.register(shutil.rmtree, work, True)
     host = comfy_host.boot(Path(work))
-    _WORKER.update(host=host, world=world_edits.load_world(host))
+    _WORKER.update(host=host, world=world_edits.load_world(host, family, checkpoint))
 
 
 def run_one(job: tuple) -> world_edits.CaseResult:
@@ -145,11 +146,13 @@ def main() -> None:
     parser.add_argument("--caption-following", type=int, metavar="N", help="score N plain generations of random captions instead")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, each with its own ComfyUI host")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker: the tiny model's ops are too small to share")
+    parser.add_argument("--family", default="sd15", choices=sorted(world_model.FAMILIES), help="the world model's family")
+    parser.add_argument("--checkpoint", type=Path, help="a world checkpoint of that family (default: the committed one)")
     args = parser.parse_args()
 
     settings = world_edits.Settings()
     seeds = range(args.seeds)
-    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=start_worker, initargs=(args.threads,)) as pool:
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=start_worker, initargs=(args.threads, args.family, args.checkpoint)) as pool:
         print(f"tiny world model, {settings.steps} {settings.sampler} steps ({settings.scheduler}), cfg {settings.cfg}, "
               f"cross {settings.cross_replace_steps}, self {settings.self_replace_steps} ({settings.self_replace_resolution}), "
               f"blend threshold {settings.threshold}, {args.seeds} seeds per case")

@@ -157,10 +157,11 @@ class Host:
         return {"ui": ui, "executor": executor, "messages": server.messages}
 
 
-def import_comfy(path: Path | None = None) -> Path:
-    """Import ComfyUI's model code (``comfy.*``) from the host checkout, set up for the CPU with
-    PyTorch's fused attention; returns the checkout. Enough for scripts that build and train models
-    with ComfyUI's classes (``scripts/train_world.py``); ``boot`` adds the nodes and the executor."""
+def import_comfy(path: Path | None = None, gpu: bool = False) -> Path:
+    """Import ComfyUI's model code (``comfy.*``) from the host checkout, set up for the CPU (or, with
+    ``gpu``, ComfyUI's own choice of device: the benchmarks on a GPU) with PyTorch's fused
+    attention; returns the checkout. Enough for scripts that build and train models with ComfyUI's
+    classes (``scripts/train_world.py``); ``boot`` adds the nodes and the executor."""
     path = path or comfyui_path()
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
@@ -168,7 +169,7 @@ def import_comfy(path: Path | None = None) -> Path:
         import comfy.options  # noqa: F401  (arg parsing stays off: ComfyUI parses an empty argv)
         from comfy.cli_args import args
 
-        args.cpu = True
+        args.cpu = not gpu  # read once, when comfy.model_management is first imported
         # PyTorch's fused attention, as ComfyUI picks on GPUs: on the CPU its default is a slower
         # chunked attention that would make 512x512 runs minutes long.
         args.use_pytorch_cross_attention = True
@@ -184,13 +185,14 @@ def import_comfy(path: Path | None = None) -> Path:
     return path
 
 
-def boot(work_dir: Path, extra_nodes: dict[str, type] | None = None) -> Host:
-    """Start ComfyUI on the CPU in this process and load this pack as a custom node pack.
+def boot(work_dir: Path, extra_nodes: dict[str, type] | None = None, gpu: bool = False) -> Host:
+    """Start ComfyUI on the CPU (``gpu``: on its own choice of device) in this process and load this
+    pack as a custom node pack.
 
     ``work_dir`` receives ComfyUI's input/output/temp folders and ``models/`` (checkpoints,
     embeddings). ``extra_nodes`` registers test-only nodes (e.g. a capture node) beside the pack.
     """
-    path = import_comfy()
+    path = import_comfy(gpu=gpu)
     try:
         import folder_paths
 
