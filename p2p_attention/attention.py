@@ -39,25 +39,33 @@ def text_distribution(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor |
     return scores.softmax(dim=-1)
 
 
-def attend_with_text_mass(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice, key_mask: torch.Tensor | None, attend: Attend
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's attention and, from the same fused call, each query's total probability on the
-    ``text`` keys (``[b, h, queries]``: the text's share of a joint softmax), without forming the
+def with_mass_channels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New ``q, k, v`` with ``MASS_CHANNELS`` more channels, so that the model's fused attention also
+    gives each query's total probability on the ``text`` keys (``split_mass``), without forming the
     joint attention matrix.
 
     The values get a channel that is 1 on the text keys and 0 elsewhere, so that channel of the
     output is the text's share of the softmax; queries and keys get zero channels to match (the
-    scores are unchanged; q is rescaled for the kernel's 1/sqrt(dim)).
+    scores are unchanged; q is rescaled for the kernel's 1/sqrt(dim)). Each is written straight into
+    its one new tensor: these are the largest tensors of the call.
     """
-    b, h, _, d = q.shape
+    d = q.shape[-1]
     wide = d + MASS_CHANNELS
-    pad = (0, MASS_CHANNELS)
-    v_wide = torch.nn.functional.pad(v, pad)
+    q_wide, k_wide, v_wide = (x.new_zeros(*x.shape[:-1], wide) for x in (q, k, v))
+    q_wide[..., :d].copy_(q).mul_(math.sqrt(wide / d))
+    k_wide[..., :d] = k
+    v_wide[..., :d] = v
     v_wide[:, :, text, d] = 1
-    q_wide = torch.nn.functional.pad(q * math.sqrt(wide / d), pad)
-    out = attend(q_wide, torch.nn.functional.pad(k, pad), v_wide, key_mask).unflatten(-1, (h, wide))
-    return out[..., :d].flatten(-2), out[..., d].transpose(1, 2).float()
+    return q_wide, k_wide, v_wide
+
+
+def split_mass(out: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output of attention over ``with_mass_channels`` tensors, ``[b, queries, heads * wide]``
+    -> the model's output ``[b, queries, heads * dim]`` and the text's share ``[b, heads, queries]``
+    (float32). Both are copies: the wide output is freed with the caller's reference."""
+    out = out.unflatten(-1, (heads, -1))
+    d = out.shape[-1] - MASS_CHANNELS
+    return out[..., :d].flatten(-2), out[..., d].transpose(1, 2).to(torch.float32, copy=True)
 
 
 def map_cross_probs(source: torch.Tensor, own: torch.Tensor, matrix: torch.Tensor, from_source: torch.Tensor) -> torch.Tensor:

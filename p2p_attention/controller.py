@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from .alignment import TokenMap, refine_map, word_swap_map
-from .attention import Attend, attend_with_text_mass, map_cross_probs, merge_heads, text_distribution
+from .attention import Attend, map_cross_probs, merge_heads, split_mass, text_distribution, with_mass_channels
 from .blend import BlendPlan, blend, blend_masks
 from .columns import Columns, common_lengths, map_on_columns, padded, tiled
 from .edits import REFINE, LocalBlendEdit, P2PEdit
@@ -327,33 +327,49 @@ class P2PController:
         block of image queries at a time over the text keys only, so they stay a few MB at any size.
         """
         rows = self.rows(call, q.shape[0])
-        q, k = self._source_layout(q, k, call, rows)
+        laid_out = self._takes_source_layout(call, rows)
         mask = self.key_mask(call, q.shape[0], k.shape[2], q.device)
-        if call.text is None or not rows:
-            return attend(q, k, v, mask)
-        on = self.on_columns(call.text.stop - call.text.start, q.device)
-        inside = call.sigma > on.cross_sigma
-        editing = bool(inside.any())
-        if editing and call.image_keys is not None:
-            out, mass = attend_with_text_mass(q, k, v, call.text, mask, attend)
+        on = None if call.text is None or not rows else self.on_columns(call.text.stop - call.text.start, q.device)
+        inside = None if on is None else call.sigma > on.cross_sigma
+        editing = inside is not None and bool(inside.any())
+        # The tensors given to ``attend``: the layout is written into copies (the model's own q and k
+        # stay as they are), and into the padded copies when there are, so that no other is made.
+        with_mass = editing and call.image_keys is not None
+        if with_mass:
+            q_in, k_in, v_in = with_mass_channels(q, k, v, call.text)
+        elif laid_out:
+            q_in, k_in, v_in = q.clone(), k.clone(), v
         else:
-            out, mass = attend(q, k, v, mask), None
+            q_in, k_in, v_in = q, k, v
+        if laid_out:
+            for source, targets in rows:
+                q_in[targets, :, call.queries] = q_in[source, :, call.queries]
+                k_in[targets, :, call.image_keys] = k_in[source, :, call.image_keys]
+        out = attend(q_in, k_in, v_in, mask)
+        del q_in, k_in, v_in  # the call's largest tensors: freed before the maps are formed
+        out, mass = split_mass(out, call.heads) if with_mass else (out, None)
+        if on is None:
+            return out
         from_source = on.from_source & inside
         scale = torch.where(inside, on.scale, torch.ones_like(on.scale))[:, None, None, :]
         for source, targets in rows:
             images = slice(source, targets.stop)
             v_text = v[targets, :, call.text].float()
-            maps = []
+            # Per image [queries, tokens], filled a block at a time: the recorders' maps of the call.
+            per_image = [q.new_empty(call.queries.stop - call.queries.start, c.index.numel(), dtype=torch.float32) for c in on.images]
             for start in range(call.queries.start, call.queries.stop, QUERY_BLOCK):
                 block = slice(start, min(start + QUERY_BLOCK, call.queries.stop))
-                recorded = text_distribution(q[images, :, block], k[images, :, call.text], on.padding)
+                queries = q[images, :, block]
+                if laid_out:  # the targets' image queries are the source's, as in the attention above
+                    queries = queries[:1].expand_as(queries)
+                recorded = text_distribution(queries, k[images, :, call.text], on.padding)
                 if editing:
                     edited = self._edit_block(recorded, mass, out, v_text, targets, block, on, from_source, scale)
                     if edited is not None:
                         recorded = torch.cat([recorded[:1], edited])
-                maps.append(recorded.mean(dim=1))
-            maps = torch.cat(maps, dim=1)
-            per_image = [columns.gather(m) for columns, m in zip(on.images, maps)]
+                rows_of_block = slice(block.start - call.queries.start, block.stop - call.queries.start)
+                for columns, maps, m in zip(on.images, per_image, recorded.mean(dim=1)):
+                    maps[rows_of_block] = columns.gather(m)
             for recorder in self.recorders:
                 recorder.record(call, per_image)
         return out
@@ -389,13 +405,8 @@ class P2PController:
         out[targets, block] += merge_heads(change @ v_text).to(out.dtype)
         return edited
 
-    def _source_layout(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall, rows: list[tuple[int, slice]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inside the self-attention window, every target row with the source's image queries and keys."""
+    def _takes_source_layout(self, call: AttentionCall, rows: list[tuple[int, slice]]) -> bool:
+        """Whether the targets' image queries and keys are the source's in this call (inside the
+        self-attention window, on the layers whose layout is replaced)."""
         takes_layout = call.transformer or call.downscale >= self.plan.self_min_downscale
-        if call.image_keys is None or not rows or not takes_layout or not call.sigma > self._self_sigma:
-            return q, k
-        q, k = q.clone(), k.clone()
-        for source, targets in rows:
-            q[targets, :, call.queries] = q[source, :, call.queries]
-            k[targets, :, call.image_keys] = k[source, :, call.image_keys]
-        return q, k
+        return call.image_keys is not None and bool(rows) and takes_layout and call.sigma > self._self_sigma
