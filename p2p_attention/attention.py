@@ -12,9 +12,10 @@ from typing import Callable
 
 import torch
 
-# ``(q, k, v, key_mask) -> [b, queries, heads * dim_v]``: the model's own (fused) attention; key_mask
-# is None or an additive ``[b, 1, 1, keys]`` float mask.
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# ``(q, k, v, key_mask, rows) -> [b, queries, heads * dim_v]``: the model's own (fused) attention on
+# ``rows`` of the call's batch (q, k, v and key_mask hold those rows alone); key_mask is None or an
+# additive ``[b, 1, 1, keys]`` float mask.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, slice], torch.Tensor]
 MASS_CHANNELS = 8  # value channels added to measure the text's share: kernels want dims in steps of 8
 
 
@@ -39,24 +40,27 @@ def text_distribution(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor |
     return scores.softmax(dim=-1)
 
 
-def with_mass_channels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """New ``q, k, v`` with ``MASS_CHANNELS`` more channels, so that the model's fused attention also
-    gives each query's total probability on the ``text`` keys (``split_mass``), without forming the
-    joint attention matrix.
+def with_mass_channels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``MASS_CHANNELS`` zero channels appended, a new tensor; ``mark_text_mass`` then
+    turns the padded q and v into a measure of the text's share.
 
-    The values get a channel that is 1 on the text keys and 0 elsewhere, so that channel of the
-    output is the text's share of the softmax; queries and keys get zero channels to match (the
-    scores are unchanged; q is rescaled for the kernel's 1/sqrt(dim)). Each is written straight into
-    its one new tensor: these are the largest tensors of the call.
+    Together they let the model's fused attention also give each query's total probability on the
+    text keys (``split_mass``), without forming the joint attention matrix: the values get a channel
+    that is 1 on the text keys and 0 elsewhere, so that channel of the output is the text's share of
+    the softmax; queries and keys get zero channels to match (the scores are unchanged; q is rescaled
+    for the kernel's 1/sqrt(dim)).
     """
-    d = q.shape[-1]
-    wide = d + MASS_CHANNELS
-    q_wide, k_wide, v_wide = (x.new_zeros(*x.shape[:-1], wide) for x in (q, k, v))
-    q_wide[..., :d].copy_(q).mul_(math.sqrt(wide / d))
-    k_wide[..., :d] = k
-    v_wide[..., :d] = v
+    wide = x.new_zeros(*x.shape[:-1], x.shape[-1] + MASS_CHANNELS)
+    wide[..., : x.shape[-1]] = x
+    return wide
+
+
+def mark_text_mass(q_wide: torch.Tensor, v_wide: torch.Tensor, text: slice) -> None:
+    """In place on ``with_mass_channels`` copies: q rescaled, v's mass channel set on the text keys."""
+    wide = q_wide.shape[-1]
+    d = wide - MASS_CHANNELS
+    q_wide[..., :d] *= math.sqrt(wide / d)
     v_wide[:, :, text, d] = 1
-    return q_wide, k_wide, v_wide
 
 
 def split_mass(out: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from .alignment import TokenMap, refine_map, word_swap_map
-from .attention import Attend, map_cross_probs, merge_heads, split_mass, text_distribution, with_mass_channels
+from .attention import Attend, map_cross_probs, mark_text_mass, merge_heads, split_mass, text_distribution, with_mass_channels
 from .blend import BlendPlan, blend, blend_masks
 from .columns import Columns, common_lengths, map_on_columns, padded, tiled
 from .edits import REFINE, LocalBlendEdit, P2PEdit
@@ -33,7 +33,9 @@ CONTROLLER = "P2P Controller"
 # structure (IoU 0.50 against 0.41) at the same edit success (README, "Edit quality", "Defaults").
 SELF_REPLACE_DOWNSCALES = {"1/4 and coarser": 4, "1/2 and coarser": 2}
 DEFAULT_SELF_REPLACE = "1/2 and coarser"
-QUERY_BLOCK = 1024  # queries per block of explicit cross-attention probabilities
+# Queries per block of explicit cross-attention probabilities: a block's few float32 temporaries
+# stay below what the joint attention itself adds (Flux at 1024x1024: 4096 image queries).
+QUERY_BLOCK = 512
 NOISE_START = 0.001  # steps above this fraction's noise level start from pure noise (a run's first)
 TILED, PADDED = "tiled", "padded"  # how prompts of different lengths share columns: see columns.py
 
@@ -82,9 +84,10 @@ class AttentionCall:
 class Recorder(Protocol):
     """Receives the cross-attention maps of the conditional branch, targets as edited."""
 
-    def record(self, call: AttentionCall, maps: list[torch.Tensor]) -> None:
-        """``maps``: per image (the source first) ``[queries, tokens]`` float32 probabilities over the
-        prompt's tokens, averaged over heads."""
+    def record(self, call: AttentionCall, rows: slice, maps: list[torch.Tensor]) -> None:
+        """``maps``: per image (the source first) ``[rows, tokens]`` float32 probabilities over the
+        prompt's tokens, averaged over heads, of the call's query rows ``rows`` (counted from its
+        first image query). A call's blocks come in order, its first at row 0."""
 
 
 def build_plan(
@@ -332,22 +335,16 @@ class P2PController:
         on = None if call.text is None or not rows else self.on_columns(call.text.stop - call.text.start, q.device)
         inside = None if on is None else call.sigma > on.cross_sigma
         editing = inside is not None and bool(inside.any())
-        # The tensors given to ``attend``: the layout is written into copies (the model's own q and k
-        # stay as they are), and into the padded copies when there are, so that no other is made.
-        with_mass = editing and call.image_keys is not None
-        if with_mass:
-            q_in, k_in, v_in = with_mass_channels(q, k, v, call.text)
+        if editing and call.image_keys is not None:
+            out, mass = self._attend_with_mass(q, k, v, call, rows, laid_out, mask, attend)
         elif laid_out:
-            q_in, k_in, v_in = q.clone(), k.clone(), v
-        else:
-            q_in, k_in, v_in = q, k, v
-        if laid_out:
+            q_in, k_in = q.clone(), k.clone()  # the model's own q and k stay as they are
             for source, targets in rows:
-                q_in[targets, :, call.queries] = q_in[source, :, call.queries]
-                k_in[targets, :, call.image_keys] = k_in[source, :, call.image_keys]
-        out = attend(q_in, k_in, v_in, mask)
-        del q_in, k_in, v_in  # the call's largest tensors: freed before the maps are formed
-        out, mass = split_mass(out, call.heads) if with_mass else (out, None)
+                self._copy_source_layout(q_in[targets], k_in[targets], q, k, source, call)
+            out, mass = attend(q_in, k_in, v, mask, slice(None)), None
+            del q_in, k_in  # freed before the maps are formed
+        else:
+            out, mass = attend(q, k, v, mask, slice(None)), None
         if on is None:
             return out
         from_source = on.from_source & inside
@@ -355,8 +352,6 @@ class P2PController:
         for source, targets in rows:
             images = slice(source, targets.stop)
             v_text = v[targets, :, call.text].float()
-            # Per image [queries, tokens], filled a block at a time: the recorders' maps of the call.
-            per_image = [q.new_empty(call.queries.stop - call.queries.start, c.index.numel(), dtype=torch.float32) for c in on.images]
             for start in range(call.queries.start, call.queries.stop, QUERY_BLOCK):
                 block = slice(start, min(start + QUERY_BLOCK, call.queries.stop))
                 queries = q[images, :, block]
@@ -367,12 +362,52 @@ class P2PController:
                     edited = self._edit_block(recorded, mass, out, v_text, targets, block, on, from_source, scale)
                     if edited is not None:
                         recorded = torch.cat([recorded[:1], edited])
-                rows_of_block = slice(block.start - call.queries.start, block.stop - call.queries.start)
-                for columns, maps, m in zip(on.images, per_image, recorded.mean(dim=1)):
-                    maps[rows_of_block] = columns.gather(m)
-            for recorder in self.recorders:
-                recorder.record(call, per_image)
+                # Handed over a block at a time: a recorder sums them where it keeps them, and no map
+                # of the whole call is formed.
+                per_image = [columns.gather(m) for columns, m in zip(on.images, recorded.mean(dim=1))]
+                for recorder in self.recorders:
+                    recorder.record(call, slice(block.start - call.queries.start, block.stop - call.queries.start), per_image)
         return out
+
+    def _attend_with_mass(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        call: AttentionCall,
+        rows: list[tuple[int, slice]],
+        laid_out: bool,
+        mask: torch.Tensor | None,
+        attend: Attend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention while editing: the output and each query's share of the softmax for the
+        text, ``[b, h, queries]`` (set on the target rows, the only ones edited).
+
+        The targets' rows are attended apart, first, on padded copies of their own
+        (``with_mass_channels``, with the source's layout inside the self-attention window); the
+        other rows after them, on the model's own tensors. Padded copies of the whole batch would be
+        the largest tensors of the call, above the peak memory of plain generation.
+        """
+        pieces, mass = {}, q.new_zeros(q.shape[:3], dtype=torch.float32)
+
+        def rows_of(x: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+            return None if x is None else x[part]
+
+        for source, targets in rows:
+            q_own, k_own, v_own = (with_mass_channels(x[targets]) for x in (q, k, v))
+            if laid_out:
+                self._copy_source_layout(q_own, k_own, q, k, source, call)
+            mark_text_mass(q_own, v_own, call.text)
+            own = attend(q_own, k_own, v_own, rows_of(mask, targets), targets)
+            del q_own, k_own, v_own
+            pieces[targets.start], mass[targets] = split_mass(own, call.heads)
+        done = 0
+        for _, targets in rows + [(None, slice(q.shape[0], q.shape[0]))]:
+            if done < targets.start:
+                part = slice(done, targets.start)
+                pieces[done] = attend(q[part], k[part], v[part], rows_of(mask, part), part)
+            done = targets.stop
+        return torch.cat([pieces[start] for start in sorted(pieces)]), mass
 
     def _edit_block(
         self,
@@ -410,3 +445,11 @@ class P2PController:
         self-attention window, on the layers whose layout is replaced)."""
         takes_layout = call.transformer or call.downscale >= self.plan.self_min_downscale
         return call.image_keys is not None and bool(rows) and takes_layout and call.sigma > self._self_sigma
+
+    @staticmethod
+    def _copy_source_layout(q_to: torch.Tensor, k_to: torch.Tensor, q: torch.Tensor, k: torch.Tensor, source: int, call: AttentionCall) -> None:
+        """Writes the source row's image queries and keys (of the model's ``q``, ``k``) into every row
+        of ``q_to``, ``k_to``: copies of the targets' rows, maybe with more channels."""
+        d = q.shape[-1]
+        q_to[:, :, call.queries, :d] = q[source, :, call.queries]
+        k_to[:, :, call.image_keys, :d] = k[source, :, call.image_keys]
