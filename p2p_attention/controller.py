@@ -383,10 +383,11 @@ class P2PController:
         """Joint attention while editing: the output and each query's share of the softmax for the
         text, ``[b, h, queries]`` (set on the target rows, the only ones edited).
 
-        The targets' rows are attended apart, first, on padded copies of their own
-        (``with_mass_channels``, with the source's layout inside the self-attention window); the
-        other rows after them, on the model's own tensors. Padded copies of the whole batch would be
-        the largest tensors of the call, above the peak memory of plain generation.
+        The targets' rows are attended apart, on padded copies of their own (``with_mass_channels``,
+        with the source's layout inside the self-attention window); the other rows on the model's
+        own tensors. Padded copies of the whole batch would be the largest tensors of the call, above
+        the peak memory of plain generation. The targets go first, so that their copies never sit
+        beside the other rows' output.
         """
         pieces, mass = {}, q.new_zeros(q.shape[:3], dtype=torch.float32)
 
