@@ -124,10 +124,12 @@ def run_model(model_name: str, width: int, steps: int, repeats: int) -> dict:
     config.set_inference_dtype(dtype, None)
     with torch.no_grad():
         base = config.get_model({}, "", device=device)
-        generator = torch.Generator().manual_seed(0)
+        # Drawn on the model's device: Flux.1's 12B weights would take minutes on a CPU generator.
+        generator = torch.Generator(device=device).manual_seed(0)
         for name, p in base.diffusion_model.named_parameters():
             fan_in = p[0].numel() if p.dim() > 1 else 1
-            values = torch.ones(p.shape) if "norm" in name and name.endswith("weight") else torch.randn(p.shape, generator=generator) / math.sqrt(fan_in) * (0.02 if p.dim() == 1 else 1)
+            values = (torch.ones(p.shape, device=device) if "norm" in name and name.endswith("weight")
+                      else torch.randn(p.shape, generator=generator, device=device) / math.sqrt(fan_in) * (0.02 if p.dim() == 1 else 1))
             p.copy_(values.to(p.dtype))
     model = comfy.model_patcher.ModelPatcher(base, load_device=device, offload_device=torch.device("cpu"))
 

@@ -136,7 +136,8 @@ class AttentionPatch:
                 return self.previous(q, k, v, extra_options)
             return optimized_attention(q, k, v, heads)
 
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, rows: slice) -> torch.Tensor:
+            # Always the whole batch: a UNet's calls have no joint attention, the only one split by rows.
             return through(merge_heads(q), merge_heads(k), merge_heads(v))  # free for the unedited views
 
         if not cross and (geometry is None or q.shape[1] != k.shape[1] or q.shape[0] != len(chunks) * self.controller.images):
@@ -225,9 +226,12 @@ class JointAttention:
             return through(q, k, v, mask=mask, **kwargs)
         if split:
             q, k, v = heads_first(q, heads), heads_first(k, heads), heads_first(v, heads)
+        batch = q.shape[0]
 
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-            merged = _with_key_mask(mask, key_mask)
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, rows: slice) -> torch.Tensor:
+            # The call's own mask is per row when it has a batch dimension ([b, queries, keys] or [b, h, queries, keys]).
+            own = mask[rows] if mask is not None and mask.dim() >= 3 and mask.shape[0] == batch else mask
+            merged = _with_key_mask(own, key_mask)
             return through(q, k, v, **{**kwargs, "mask": merged, "skip_reshape": True, "skip_output_reshape": False})
 
         out = self.controller.attention(q, k, v, call, attend)

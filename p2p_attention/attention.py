@@ -12,9 +12,10 @@ from typing import Callable
 
 import torch
 
-# ``(q, k, v, key_mask) -> [b, queries, heads * dim_v]``: the model's own (fused) attention; key_mask
-# is None or an additive ``[b, 1, 1, keys]`` float mask.
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# ``(q, k, v, key_mask, rows) -> [b, queries, heads * dim_v]``: the model's own (fused) attention on
+# ``rows`` of the call's batch (q, k, v and key_mask hold those rows alone); key_mask is None or an
+# additive ``[b, 1, 1, keys]`` float mask.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, slice], torch.Tensor]
 MASS_CHANNELS = 8  # value channels added to measure the text's share: kernels want dims in steps of 8
 
 
@@ -39,25 +40,38 @@ def text_distribution(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor |
     return scores.softmax(dim=-1)
 
 
-def attend_with_text_mass(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: slice, key_mask: torch.Tensor | None, attend: Attend
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's attention and, from the same fused call, each query's total probability on the
-    ``text`` keys (``[b, h, queries]``: the text's share of a joint softmax), without forming the
-    joint attention matrix.
+def with_mass_channels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with ``MASS_CHANNELS`` zero channels appended, a new tensor; ``mark_text_mass`` then
+    turns the padded q and v into a measure of the text's share.
 
-    The values get a channel that is 1 on the text keys and 0 elsewhere, so that channel of the
-    output is the text's share of the softmax; queries and keys get zero channels to match (the
-    scores are unchanged; q is rescaled for the kernel's 1/sqrt(dim)).
+    Together they let the model's fused attention also give each query's total probability on the
+    text keys (``split_mass``), without forming the joint attention matrix: the values get a channel
+    that is 1 on the text keys and 0 elsewhere, so that channel of the output is the text's share of
+    the softmax; queries and keys get zero channels to match (the scores are unchanged; q is rescaled
+    for the kernel's 1/sqrt(dim)).
     """
-    b, h, _, d = q.shape
-    wide = d + MASS_CHANNELS
-    pad = (0, MASS_CHANNELS)
-    v_wide = torch.nn.functional.pad(v, pad)
+    d = x.shape[-1]
+    wide = x.new_empty(*x.shape[:-1], d + MASS_CHANNELS)  # written once: filling it with zeros first costs time
+    wide[..., :d] = x
+    wide[..., d:] = 0
+    return wide
+
+
+def mark_text_mass(q_wide: torch.Tensor, v_wide: torch.Tensor, text: slice) -> None:
+    """In place on ``with_mass_channels`` copies: q rescaled, v's mass channel set on the text keys."""
+    wide = q_wide.shape[-1]
+    d = wide - MASS_CHANNELS
+    q_wide[..., :d] *= math.sqrt(wide / d)
     v_wide[:, :, text, d] = 1
-    q_wide = torch.nn.functional.pad(q * math.sqrt(wide / d), pad)
-    out = attend(q_wide, torch.nn.functional.pad(k, pad), v_wide, key_mask).unflatten(-1, (h, wide))
-    return out[..., :d].flatten(-2), out[..., d].transpose(1, 2).float()
+
+
+def split_mass(out: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output of attention over ``with_mass_channels`` tensors, ``[b, queries, heads * wide]``
+    -> the model's output ``[b, queries, heads * dim]`` and the text's share ``[b, heads, queries]``
+    (float32). Both are copies: the wide output is freed with the caller's reference."""
+    out = out.unflatten(-1, (heads, -1))
+    d = out.shape[-1] - MASS_CHANNELS
+    return out[..., :d].flatten(-2), out[..., d].transpose(1, 2).to(torch.float32, copy=True)
 
 
 def map_cross_probs(source: torch.Tensor, own: torch.Tensor, matrix: torch.Tensor, from_source: torch.Tensor) -> torch.Tensor:

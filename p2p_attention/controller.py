@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 
 from .alignment import TokenMap, refine_map, word_swap_map
-from .attention import Attend, attend_with_text_mass, map_cross_probs, merge_heads, text_distribution
+from .attention import Attend, map_cross_probs, mark_text_mass, merge_heads, split_mass, text_distribution, with_mass_channels
 from .blend import BlendPlan, blend, blend_masks
 from .columns import Columns, common_lengths, map_on_columns, padded, tiled
 from .edits import REFINE, LocalBlendEdit, P2PEdit
@@ -33,7 +33,9 @@ CONTROLLER = "P2P Controller"
 # structure (IoU 0.50 against 0.41) at the same edit success (README, "Edit quality", "Defaults").
 SELF_REPLACE_DOWNSCALES = {"1/4 and coarser": 4, "1/2 and coarser": 2}
 DEFAULT_SELF_REPLACE = "1/2 and coarser"
-QUERY_BLOCK = 1024  # queries per block of explicit cross-attention probabilities
+# Queries per block of explicit cross-attention probabilities: a block's few float32 temporaries
+# stay below what the joint attention itself adds (Flux at 1024x1024: 4096 image queries).
+QUERY_BLOCK = 512
 NOISE_START = 0.001  # steps above this fraction's noise level start from pure noise (a run's first)
 TILED, PADDED = "tiled", "padded"  # how prompts of different lengths share columns: see columns.py
 
@@ -82,9 +84,10 @@ class AttentionCall:
 class Recorder(Protocol):
     """Receives the cross-attention maps of the conditional branch, targets as edited."""
 
-    def record(self, call: AttentionCall, maps: list[torch.Tensor]) -> None:
-        """``maps``: per image (the source first) ``[queries, tokens]`` float32 probabilities over the
-        prompt's tokens, averaged over heads."""
+    def record(self, call: AttentionCall, rows: slice, maps: list[torch.Tensor]) -> None:
+        """``maps``: per image (the source first) ``[rows, tokens]`` float32 probabilities over the
+        prompt's tokens, averaged over heads, of the call's query rows ``rows`` (counted from its
+        first image query). A call's blocks come in order, its first at row 0."""
 
 
 def build_plan(
@@ -327,36 +330,85 @@ class P2PController:
         block of image queries at a time over the text keys only, so they stay a few MB at any size.
         """
         rows = self.rows(call, q.shape[0])
-        q, k = self._source_layout(q, k, call, rows)
+        laid_out = self._takes_source_layout(call, rows)
         mask = self.key_mask(call, q.shape[0], k.shape[2], q.device)
-        if call.text is None or not rows:
-            return attend(q, k, v, mask)
-        on = self.on_columns(call.text.stop - call.text.start, q.device)
-        inside = call.sigma > on.cross_sigma
-        editing = bool(inside.any())
+        on = None if call.text is None or not rows else self.on_columns(call.text.stop - call.text.start, q.device)
+        inside = None if on is None else call.sigma > on.cross_sigma
+        editing = inside is not None and bool(inside.any())
         if editing and call.image_keys is not None:
-            out, mass = attend_with_text_mass(q, k, v, call.text, mask, attend)
+            out, mass = self._attend_with_mass(q, k, v, call, rows, laid_out, mask, attend)
+        elif laid_out:
+            q_in, k_in = q.clone(), k.clone()  # the model's own q and k stay as they are
+            for source, targets in rows:
+                self._copy_source_layout(q_in[targets], k_in[targets], q, k, source, call)
+            out, mass = attend(q_in, k_in, v, mask, slice(None)), None
+            del q_in, k_in  # freed before the maps are formed
         else:
-            out, mass = attend(q, k, v, mask), None
+            out, mass = attend(q, k, v, mask, slice(None)), None
+        if on is None:
+            return out
         from_source = on.from_source & inside
         scale = torch.where(inside, on.scale, torch.ones_like(on.scale))[:, None, None, :]
         for source, targets in rows:
             images = slice(source, targets.stop)
             v_text = v[targets, :, call.text].float()
-            maps = []
             for start in range(call.queries.start, call.queries.stop, QUERY_BLOCK):
                 block = slice(start, min(start + QUERY_BLOCK, call.queries.stop))
-                recorded = text_distribution(q[images, :, block], k[images, :, call.text], on.padding)
+                queries = q[images, :, block]
+                if laid_out:  # the targets' image queries are the source's, as in the attention above
+                    queries = queries[:1].expand_as(queries)
+                recorded = text_distribution(queries, k[images, :, call.text], on.padding)
                 if editing:
                     edited = self._edit_block(recorded, mass, out, v_text, targets, block, on, from_source, scale)
                     if edited is not None:
                         recorded = torch.cat([recorded[:1], edited])
-                maps.append(recorded.mean(dim=1))
-            maps = torch.cat(maps, dim=1)
-            per_image = [columns.gather(m) for columns, m in zip(on.images, maps)]
-            for recorder in self.recorders:
-                recorder.record(call, per_image)
+                # Handed over a block at a time: a recorder sums them where it keeps them, and no map
+                # of the whole call is formed.
+                per_image = [columns.gather(m) for columns, m in zip(on.images, recorded.mean(dim=1))]
+                for recorder in self.recorders:
+                    recorder.record(call, slice(block.start - call.queries.start, block.stop - call.queries.start), per_image)
         return out
+
+    def _attend_with_mass(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        call: AttentionCall,
+        rows: list[tuple[int, slice]],
+        laid_out: bool,
+        mask: torch.Tensor | None,
+        attend: Attend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Joint attention while editing: the output and each query's share of the softmax for the
+        text, ``[b, h, queries]`` (set on the target rows, the only ones edited).
+
+        The targets' rows are attended apart, on padded copies of their own (``with_mass_channels``,
+        with the source's layout inside the self-attention window); the other rows on the model's
+        own tensors. Padded copies of the whole batch would be the largest tensors of the call, above
+        the peak memory of plain generation. The targets go first, so that their copies never sit
+        beside the other rows' output.
+        """
+        pieces, mass = {}, q.new_zeros(q.shape[:3], dtype=torch.float32)
+
+        def rows_of(x: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+            return None if x is None else x[part]
+
+        for source, targets in rows:
+            q_own, k_own, v_own = (with_mass_channels(x[targets]) for x in (q, k, v))
+            if laid_out:
+                self._copy_source_layout(q_own, k_own, q, k, source, call)
+            mark_text_mass(q_own, v_own, call.text)
+            own = attend(q_own, k_own, v_own, rows_of(mask, targets), targets)
+            del q_own, k_own, v_own
+            pieces[targets.start], mass[targets] = split_mass(own, call.heads)
+        done = 0
+        for _, targets in rows + [(None, slice(q.shape[0], q.shape[0]))]:
+            if done < targets.start:
+                part = slice(done, targets.start)
+                pieces[done] = attend(q[part], k[part], v[part], rows_of(mask, part), part)
+            done = targets.stop
+        return torch.cat([pieces[start] for start in sorted(pieces)]), mass
 
     def _edit_block(
         self,
@@ -389,13 +441,16 @@ class P2PController:
         out[targets, block] += merge_heads(change @ v_text).to(out.dtype)
         return edited
 
-    def _source_layout(self, q: torch.Tensor, k: torch.Tensor, call: AttentionCall, rows: list[tuple[int, slice]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inside the self-attention window, every target row with the source's image queries and keys."""
+    def _takes_source_layout(self, call: AttentionCall, rows: list[tuple[int, slice]]) -> bool:
+        """Whether the targets' image queries and keys are the source's in this call (inside the
+        self-attention window, on the layers whose layout is replaced)."""
         takes_layout = call.transformer or call.downscale >= self.plan.self_min_downscale
-        if call.image_keys is None or not rows or not takes_layout or not call.sigma > self._self_sigma:
-            return q, k
-        q, k = q.clone(), k.clone()
-        for source, targets in rows:
-            q[targets, :, call.queries] = q[source, :, call.queries]
-            k[targets, :, call.image_keys] = k[source, :, call.image_keys]
-        return q, k
+        return call.image_keys is not None and bool(rows) and takes_layout and call.sigma > self._self_sigma
+
+    @staticmethod
+    def _copy_source_layout(q_to: torch.Tensor, k_to: torch.Tensor, q: torch.Tensor, k: torch.Tensor, source: int, call: AttentionCall) -> None:
+        """Writes the source row's image queries and keys (of the model's ``q``, ``k``) into every row
+        of ``q_to``, ``k_to``: copies of the targets' rows, maybe with more channels."""
+        d = q.shape[-1]
+        q_to[:, :, call.queries, :d] = q[source, :, call.queries]
+        k_to[:, :, call.image_keys, :d] = k[source, :, call.image_keys]

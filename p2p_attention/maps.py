@@ -1,11 +1,11 @@
 """Per-token cross-attention maps, collected on the fly during sampling.
 
-Each conditional cross-attention call adds its maps, averaged over heads, to one running sum per
-map resolution and image: nothing per step, layer or head is kept, and never a self-attention
-map. A patched model serves many sampler runs (queue runs, several samplers), so the sums live in
-a run, and a new run starts whenever the noise level goes up again. Finished runs are kept, a few
-of them, with their last denoised latent, so that a node after the sampler can find the run that
-produced the latent it was given.
+Each conditional cross-attention call adds its maps, averaged over heads, a block of queries at a
+time, to one running sum per map resolution and image: nothing per step, layer or head is kept, and
+never a self-attention map. A patched model serves many sampler runs (queue runs, several
+samplers), so the sums live in a run, and a new run starts whenever the noise level goes up again.
+Finished runs are kept, a few of them, with their last denoised latent, so that a node after the
+sampler can find the run that produced the latent it was given.
 """
 from __future__ import annotations
 
@@ -31,13 +31,15 @@ class MapRun:
     final: torch.Tensor | None = None  # the latest denoised latent: the run's result once it ends
     blend_mask: torch.Tensor | None = None  # the latest local blend mask [targets, H, W]
 
-    def add(self, downscale: int, size: tuple[int, int], maps: list[torch.Tensor]) -> None:
-        if downscale in self.sums:
-            for total, new in zip(self.sums[downscale], maps):
-                total += new
+    def add(self, downscale: int, size: tuple[int, int], rows: slice, maps: list[torch.Tensor]) -> None:
+        """Adds one block of a call's query rows; a call's blocks come in order, its first at row 0."""
+        if downscale not in self.sums:
+            self.sums[downscale] = [m.new_zeros(size[0] * size[1], m.shape[-1]) for m in maps]
+            self.calls[downscale], self.sizes[downscale] = 0, size
+        if rows.start == 0:
             self.calls[downscale] += 1
-        else:
-            self.sums[downscale], self.calls[downscale], self.sizes[downscale] = maps, 1, size
+        for total, new in zip(self.sums[downscale], maps):
+            total[rows] += new
 
     def nearest_downscale(self, downscale: int) -> int:
         """The recorded resolution closest to ``downscale`` (on a log scale; the finer on a tie)."""
@@ -66,9 +68,9 @@ class AttentionMapStore:
         run.sigma = sigma
         return run
 
-    def record(self, call, maps: list[torch.Tensor]) -> None:
-        """``maps``: per image ``[queries, tokens]``, summed into the run of the call's noise level."""
-        self.current(call.sigma).add(call.downscale, call.map_size, maps)
+    def record(self, call, rows: slice, maps: list[torch.Tensor]) -> None:
+        """``maps``: per image ``[rows, tokens]``, summed into the run of the call's noise level."""
+        self.current(call.sigma).add(call.downscale, call.map_size, rows, maps)
 
     def run_of(self, latent: torch.Tensor) -> MapRun:
         """The kept run whose result is nearest to ``latent`` (a sampler's output, model space)."""

@@ -72,8 +72,12 @@ class MapRecorder:
     def __init__(self) -> None:
         self.calls: list[tuple[Any, torch.Tensor]] = []
 
-    def record(self, call: Any, maps: list[torch.Tensor]) -> None:
-        self.calls.append((call, torch.stack(maps).clone()))
+    def record(self, call: Any, rows: slice, maps: list[torch.Tensor]) -> None:
+        block = torch.stack(maps).clone()
+        if rows.start == 0:
+            self.calls.append((call, block))
+        else:  # the call's next block of queries
+            self.calls[-1] = (call, torch.cat([self.calls[-1][1], block], dim=1))
 
 
 def steer_attention(host: Any, model: Any, column: int, gain: float = 12.0) -> Any:

@@ -211,7 +211,7 @@ def test_self_attention_is_replaced_at_the_chosen_resolutions(host, load_tiny, r
         call = host.pack.p2p_attention.controller.AttentionCall(
             heads=1, sigma=1e6, chunks=(True,), downscale=downscale, map_size=(4, 4), queries=slice(0, 16), text=None, image_keys=slice(0, 16))
         seen = []
-        controller.attention(q, k, v, call, lambda q_, k_, v_, mask: seen.append((q_, k_)) or v_)
+        controller.attention(q, k, v, call, lambda q_, k_, v_, mask, rows: seen.append((q_, k_)) or v_)
         took_source = torch.equal(seen[0][0][1], q[0]) and torch.equal(seen[0][1][1], k[0])
         assert took_source == (downscale in replaced), downscale
 

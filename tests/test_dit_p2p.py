@@ -288,5 +288,8 @@ def test_unsupported_families_are_named(host, load_tiny, family):
 class MapRecorderPerImage(MapRecorder):
     """The controller's per-image maps as they come (prompts of different token counts)."""
 
-    def record(self, call: Any, maps: list[torch.Tensor]) -> None:
-        self.calls.append((call, [m.clone() for m in maps]))
+    def record(self, call: Any, rows: slice, maps: list[torch.Tensor]) -> None:
+        if rows.start == 0:
+            self.calls.append((call, [m.clone() for m in maps]))
+        else:  # the call's next block of queries
+            self.calls[-1] = (call, [torch.cat([kept, m]) for kept, m in zip(self.calls[-1][1], maps)])
