@@ -103,7 +103,7 @@ def run_model(model_name: str, width: int, steps: int, repeats: int) -> dict:
     import tiny_dit_models
     import tiny_models
 
-    host = comfy_host.boot(Path(tempfile.mkdtemp(prefix="p2p-bench-")))
+    host = comfy_host.boot(Path(tempfile.mkdtemp(prefix="p2p-bench-")), gpu=torch.cuda.is_available())
     layout = LAYOUTS[model_name]
     dit = "unet" not in layout
     import comfy.model_management

@@ -9,17 +9,18 @@ encoder and decoder, on crops of world pictures), the dataset (scenes rendered, 
 with the family's ComfyUI tokenizers, pictures encoded once by the trained encoder), and the denoiser
 with its text encoder, trained jointly (the family's loss: SD1.x eps prediction for ``sd15``, flow
 matching for ``flux``; 10% of the captions dropped for classifier-free guidance; an EMA of the
-weights is what gets saved). Stopping
-(Ctrl-C, or ``--minutes`` running out) saves the state and writes the checkpoint of the steps so
-far; running the same command again goes on from there. Everything is drawn from ``--seed`` (on
-the CPU, so a GPU run draws the same batches and noise). The result is one checkpoint that the stock CheckpointLoaderSimple loads once the
-world architecture is registered.
+weights is what gets saved). The state is saved every minute; stopping the denoiser (Ctrl-C, or
+``--minutes`` running out) saves it and writes the checkpoint of the steps so far, and running the
+same command again goes on from there. Everything is drawn from ``--seed`` (on the CPU, so a GPU
+run draws the same batches and noise). The result is one checkpoint that the stock
+CheckpointLoaderSimple loads once the world architecture is registered.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import math
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -228,6 +229,8 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
     deadline = time.monotonic() + 60 * args.minutes
     last_save = time.monotonic()
     timing = (step + 20, step + 120)  # steps between which the speed is measured (after warm-up)
+    interrupted = []  # Ctrl-C (SIGINT) ends the loop after the step under way, as --minutes does
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     with tqdm(total=planned, initial=step, desc=family.name, dynamic_ncols=True) as bar:
         while step < planned:
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -260,8 +263,8 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
                 planned = min(planned, step + int(rate * (deadline - time.monotonic())))
                 bar.total = planned
                 print(f"\n{rate:.1f} steps/s: the schedule ends at step {planned}")
-            out_of_time = time.monotonic() > deadline
-            if time.monotonic() - last_save > SAVE_EVERY_S or step == planned or out_of_time:
+            stop = bool(interrupted) or time.monotonic() > deadline
+            if time.monotonic() - last_save > SAVE_EVERY_S or step == planned or stop:
                 state.save("denoiser", {
                     "modules": {n: m.state_dict() for n, m in modules.items()},
                     "ema": {n: m.state_dict() for n, m in ema.items()},
@@ -270,9 +273,10 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
                     "planned": planned,
                 })
                 last_save = time.monotonic()
-            if out_of_time:
-                print(f"--minutes {args.minutes} spent at step {step} of {planned}: the same command goes on from here")
+            if stop:
+                print(f"stopped at step {step} of {planned}: the same command goes on from here")
                 break
+    signal.signal(signal.SIGINT, previous_handler)
     return ema
 
 
