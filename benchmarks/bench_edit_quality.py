@@ -57,7 +57,7 @@ def start_worker(threads: int, family: str, checkpoint: Path | None) -> None:
     work = tempfile.mkdtemp(prefix="p2p-bench-")
     atexit.register(shutil.rmtree, work, True)
     host = comfy_host.boot(Path(work))
-    _WORKER.update(host=host, world=world_edits.load_world(host, family, checkpoint))
+    _WORKER.update(host=host, world=world_edits.load_world(host, family, checkpoint), settings=world_edits.FAMILY_SETTINGS[family])
 
 
 def run_one(job: tuple) -> world_edits.CaseResult:
@@ -71,7 +71,7 @@ def follow_one(seed: int) -> tuple[int, dict[str, float]]:
     """A random scene's caption generated plainly from ``seed``: (objects, caption following)."""
     scene = world_scenes.sample_scene(np.random.default_rng([seed, 99]))
     with torch.inference_mode():
-        picture = world_edits.generate(_WORKER["host"], _WORKER["world"], world_scenes.caption(scene), seed, world_edits.Settings())
+        picture = world_edits.generate(_WORKER["host"], _WORKER["world"], world_scenes.caption(scene), seed, _WORKER["settings"])
     return len(scene.objects), world_scenes.caption_following(picture, scene)
 
 
@@ -150,10 +150,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="a world checkpoint of that family (default: the committed one)")
     args = parser.parse_args()
 
-    settings = world_edits.Settings()
+    settings = world_edits.FAMILY_SETTINGS[args.family]
     seeds = range(args.seeds)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=start_worker, initargs=(args.threads, args.family, args.checkpoint)) as pool:
-        print(f"tiny world model, {settings.steps} {settings.sampler} steps ({settings.scheduler}), cfg {settings.cfg}, "
+        print(f"tiny world model ({args.family}), {settings.steps} {settings.sampler} steps ({settings.scheduler}), cfg {settings.cfg}, "
               f"cross {settings.cross_replace_steps}, self {settings.self_replace_steps} ({settings.self_replace_resolution}), "
               f"blend threshold {settings.threshold}, {args.seeds} seeds per case")
         started = time.perf_counter()

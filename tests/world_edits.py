@@ -43,6 +43,11 @@ class Settings:
     null_text_iterations: int = 3  # the paper's 10 costs 50 s a picture on this project's CPU
 
 
+# Each family sampled as its kind is: SD1.x with DDIM; the flow (Flux) world with Euler on its own
+# "simple" schedule, which starts at pure noise (DDIM's "ddim_uniform" would start at sigma 0.9).
+FAMILY_SETTINGS = {"sd15": Settings(), "flux": Settings(sampler="euler", scheduler="simple")}
+
+
 @dataclass(frozen=True)
 class Edit:
     """One case on one seed: the source scene, the target scene and how the prompt is edited."""
