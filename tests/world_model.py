@@ -5,8 +5,7 @@ Like ``tiny_models``, it is a test-only subclass of ComfyUI's real ``SD15`` mode
 widths, put first in ``comfy.supported_models.models`` so that the stock CheckpointLoaderSimple
 loads its checkpoint (``FAMILIES["sd15"].checkpoint``). Everything else is ComfyUI's: ``UNetModel``,
 the CLIP text model (``SDClipModel``, CLIP-L's last layer after the final layer norm, as SD1.x) with
-the real CLIP tokenizer, SD1.x's eps prediction and noise schedule (shifted to end at a higher noise
-level for the smaller latent, see ``SAMPLING_SETTINGS``), and TAESD as the VAE. (The stock
+the real CLIP tokenizer, SD1.x's eps-prediction noise schedule, and TAESD as the VAE. (The stock
 loader builds a KL autoencoder only at its full width of 128 channels, ~80M parameters; a TAESD
 found in a checkpoint's ``first_stage_model.`` keys it loads as it is.)
 
@@ -68,12 +67,6 @@ UNET_CONFIG: dict[str, Any] = {
     "context_dim": TEXT_WIDTH,
 }
 HEADS = 4
-# SD1.x's noise schedule, shifted for a latent 4x smaller than SD1.5's (Hoogeboom et al. 2023, "simple
-# diffusion"): SD1.5's schedule (linear_end 0.012) ends at sigma 14.6, where a 16x16 latent's mean colour
-# and the layout of its 5x5-cell objects still show through the noise (signal-to-noise about 1), so a
-# model trained with it reads the background and the places from the seed's noise, not from the
-# caption. Ending at 0.02 gives sigma 66 (4.5x), with the low-noise steps as SD1.5's.
-SAMPLING_SETTINGS = {"linear_end": 0.02}
 MATCH_KEYS = ("context_dim", "model_channels", "use_linear_in_transformer", "adm_in_channels", "use_temporal_attention",
               "transformer_depth", "channel_mult", "num_res_blocks")
 
@@ -104,7 +97,6 @@ def _world_sd15_class() -> type:
 
         unet_config = {k: UNET_CONFIG[k] for k in MATCH_KEYS}
         unet_extra_config = {**supported.SD15.unet_extra_config, "num_heads": HEADS, "num_head_channels": -1}
-        sampling_settings = SAMPLING_SETTINGS
 
         def clip_target(self, state_dict: Any = None) -> Any:
             return base.ClipTarget(tiny_models.single_tokenizer_class("l", TEXT_WIDTH, True), tiny_models.single_clip_class("l", encoder))
