@@ -49,6 +49,29 @@ def test_a_flux_world_checkpoint_loads_with_the_stock_loader_and_clip_text_encod
     torch.testing.assert_close(stock[1]["pooled_output"].float(), trained["l"][1], rtol=1e-4, atol=1e-4)
 
 
+# The committed Flux world model's caption following on FOLLOWING_SEEDS (the benchmark's
+# --caption-following scenes): at least these shares; an untrained model scores about chance
+# (background colour 0.25, place 0.11). Its 60-caption figures are in the README.
+FOLLOWING_SEEDS = range(10)
+FOLLOWING_FLOORS = {"colour": 0.6, "place": 0.7, "background": 0.9, "pattern": 0.9}
+
+
+def test_the_flux_world_model_follows_its_captions(host):
+    reason = tiny_dit_models.unsupported_reason()
+    if reason:
+        pytest.skip(reason)
+    world = world_edits.load_world(host, "flux")
+    scores = []
+    for seed in FOLLOWING_SEEDS:
+        scene = world_scenes.sample_scene(np.random.default_rng([seed, 99]))
+        with torch.inference_mode():
+            picture = world_edits.generate(host, world, world_scenes.caption(scene), seed, world_edits.FAMILY_SETTINGS["flux"])
+        scores.append(world_scenes.caption_following(picture, scene))
+    means = {k: float(np.mean([s[k] for s in scores])) for k in FOLLOWING_FLOORS}
+    print(means)
+    assert all(means[k] >= floor for k, floor in FOLLOWING_FLOORS.items()), means
+
+
 def test_the_scorer_reads_rendered_scenes_exactly():
     rng = np.random.default_rng(0)
     for _ in range(40):
