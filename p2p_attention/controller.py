@@ -185,7 +185,7 @@ def same_rows(x: torch.Tensor) -> bool:
 class _OnColumns:
     """The plan on one conditioning width, stacked over targets."""
 
-    images: tuple[Columns, ...]  # where each prompt's tokens sit (source first)
+    images: tuple[Columns, ...]  # where each prompt's tokens sit (source first), indexed on the device
     matrix: torch.Tensor  # [n, K, K]
     from_source: torch.Tensor  # [n, K]
     scale: torch.Tensor  # [n, K]
@@ -253,7 +253,7 @@ class P2PController:
             spread = lambda values, cols, fill: cols.spread(values, fill)  # noqa: E731
             padding = torch.stack([c.padding for c in images])
             cached = _OnColumns(
-                images=tuple(images),
+                images=tuple(c.to(device) for c in images),
                 matrix=torch.stack([map_on_columns(t.token_map.matrix, source, c) for t, c in zip(self.plan.targets, targets)]).to(device),
                 from_source=torch.stack([spread(t.token_map.from_source, c, False) for t, c in zip(self.plan.targets, targets)]).to(device),
                 scale=torch.stack([spread(t.scale, c, 1.0) for t, c in zip(self.plan.targets, targets)]).to(device),
