@@ -109,6 +109,26 @@ def map_geometry(extra_options: dict, queries: int) -> tuple[int, tuple[int, int
     return None
 
 
+class NoiseLevel:
+    """The noise level of the running model call, read off its ``sigmas`` tensor once.
+
+    Every attention call of one model evaluation, and the post-CFG hook after it, get the same
+    ``sigmas`` tensor (on the GPU); reading it waits until the GPU has run everything queued, so read
+    at every attention call it would expose every kernel launch. Samplers pass a new tensor per model
+    call; the one read last is held, so that its identity cannot pass to a new tensor. (Its version
+    counter cannot tell writes into it: ComfyUI samples in inference mode, where tensors have none.)
+    """
+
+    def __init__(self) -> None:
+        self._sigmas: torch.Tensor | None = None
+        self._value = 0.0
+
+    def __call__(self, sigmas: torch.Tensor) -> float:
+        if sigmas is not self._sigmas:
+            self._sigmas, self._value = sigmas, float(sigmas.max())
+        return self._value
+
+
 class AttentionPatch:
     """One UNet replace patch (``attn1`` or ``attn2`` of a site), over the patch it replaces (if any).
 
@@ -116,8 +136,9 @@ class AttentionPatch:
     clones downstream (LoRA loaders, other patch nodes) share this patch instead of copying it.
     """
 
-    def __init__(self, controller: P2PController, kind: str, previous: Callable | None, site: tuple) -> None:
+    def __init__(self, controller: P2PController, level: NoiseLevel, kind: str, previous: Callable | None, site: tuple) -> None:
         self.controller = controller
+        self.level = level
         self.kind = kind
         self.previous = previous
         self.site = site
@@ -158,7 +179,7 @@ class AttentionPatch:
         queries = slice(0, q.shape[1])
         call = AttentionCall(
             heads=heads,
-            sigma=float(extra_options["sigmas"].max()),
+            sigma=self.level(extra_options["sigmas"]),
             chunks=chunks,
             downscale=downscale,
             map_size=map_size,
@@ -200,8 +221,9 @@ class JointAttention:
     """The ``optimized_attention_override``: the controller on every joint (or image-only) attention
     call of a DiT's blocks, over the override that was there (SageAttention nodes and the like)."""
 
-    def __init__(self, controller: P2PController, previous: Callable | None) -> None:
+    def __init__(self, controller: P2PController, level: NoiseLevel, previous: Callable | None) -> None:
         self.controller = controller
+        self.level = level
         self.previous = previous
 
     def __deepcopy__(self, memo: dict) -> "JointAttention":
@@ -246,7 +268,7 @@ class JointAttention:
             return None
         common = dict(
             heads=heads,
-            sigma=float(options["sigmas"].max()),
+            sigma=self.level(options["sigmas"]),
             chunks=chunks,
             downscale=layout.patch,
             map_size=layout.grid,
@@ -294,8 +316,9 @@ class AfterCFG:
     """The controller's post-CFG hook (wiring checks, local blend, the run's result); shared by
     clones like the patches."""
 
-    def __init__(self, controller: P2PController) -> None:
+    def __init__(self, controller: P2PController, level: NoiseLevel) -> None:
         self.controller = controller
+        self.level = level
 
     def __deepcopy__(self, memo: dict) -> "AfterCFG":
         return self
@@ -309,7 +332,7 @@ class AfterCFG:
                 "so every image would be the source prompt's and the edit would do nothing.",
                 "connect the P2P Controller's positive output to the sampler's positive input (any negative prompt).",
             )
-        return self.controller.after_cfg(args["denoised"], float(args["sigma"].max()), args.get("input"))
+        return self.controller.after_cfg(args["denoised"], self.level(args["sigma"]), args.get("input"))
 
 
 def find_controller(model: Any) -> P2PController | None:
@@ -331,29 +354,30 @@ def installed_controller(model: Any, node: str) -> P2PController:
 def install(model: Any, controller: P2PController) -> Any:
     """A clone of ``model`` whose every text attention runs through ``controller``."""
     patched = model.clone()
+    level = NoiseLevel()  # one per model: its attention calls and post-CFG hook share the model call's
     if model_family(model) == UNET:
-        _install_unet(patched, controller)
+        _install_unet(patched, controller, level)
     else:
-        _install_dit(patched, controller)
-    patched.set_model_sampler_post_cfg_function(AfterCFG(controller))
+        _install_dit(patched, controller, level)
+    patched.set_model_sampler_post_cfg_function(AfterCFG(controller, level))
     return patched
 
 
-def _install_unet(patched: Any, controller: P2PController) -> None:
+def _install_unet(patched: Any, controller: P2PController, level: NoiseLevel) -> None:
     sites = attention_sites(patched)
     replace = patched.model_options.get("transformer_options", {}).get("patches_replace", {})
     for kind, setter in (("attn1", patched.set_model_attn1_replace), ("attn2", patched.set_model_attn2_replace)):
         existing = replace.get(kind, {})
         for site in sites:
             previous = existing.get(site, existing.get(site[:2]))
-            setter(AttentionPatch(controller, kind, previous, site), site[0], site[1], site[2])
+            setter(AttentionPatch(controller, level, kind, previous, site), site[0], site[1], site[2])
 
 
-def _install_dit(patched: Any, controller: P2PController) -> None:
+def _install_dit(patched: Any, controller: P2PController, level: NoiseLevel) -> None:
     import comfy.patcher_extension  # current ComfyUI only, like the DiT models
 
     dit = patched.model.diffusion_model
     options = patched.model_options.setdefault("transformer_options", {})
-    options["optimized_attention_override"] = JointAttention(controller, options.get("optimized_attention_override"))
+    options["optimized_attention_override"] = JointAttention(controller, level, options.get("optimized_attention_override"))
     grid = TokenGrid(patch=int(dit.patch_size), registers=int(getattr(dit, "register_length", 0) or 0))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "p2p_attention", grid)

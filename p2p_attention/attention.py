@@ -79,10 +79,8 @@ def map_cross_probs(source: torch.Tensor, own: torch.Tensor, matrix: torch.Tenso
 
     ``source`` ``[h, q, K]`` and ``own`` ``[n, h, q, K]`` are probabilities; ``matrix`` ``[n, K, K]``
     maps source columns to target columns; ``from_source`` ``[n, K]`` says which target columns take
-    the source's map now (aligned and inside their replace window). Returns ``[n, h, q, K]``: ``own``
-    itself when no column takes the source's.
+    the source's map now (aligned and inside their replace window). Returns ``[n, h, q, K]``. Whether
+    any column does is the caller's to know: testing it here would wait for the device.
     """
-    if not bool(from_source.any()):
-        return own
     mapped = torch.einsum("hqs,nst->nhqt", source, matrix)
     return torch.where(from_source[:, None, None, :], mapped, own)

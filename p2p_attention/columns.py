@@ -11,7 +11,7 @@ The prompts of one P2P batch share one conditioning, so they must have one lengt
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -31,13 +31,19 @@ class Columns:
     @property
     def padding(self) -> torch.Tensor:
         """[count] bool: the columns that hold none of the prompt's tokens."""
-        held = torch.zeros(self.count, dtype=torch.bool)
+        held = torch.zeros(self.count, dtype=torch.bool, device=self.index.device)
         held[self.spread_index()] = True
         return ~held
 
+    def to(self, device: torch.device) -> "Columns":
+        """These columns indexed on ``device``: gathering there then copies nothing from the host (a
+        copy from host memory waits for the device's queued work)."""
+        return replace(self, index=self.index.to(device))
+
     def spread_index(self) -> torch.Tensor:
         """[copies * tokens]: every column holding a token, copy by copy."""
-        return (self.index[None, :] + self.period * torch.arange(self.copies)[:, None]).flatten()
+        copy = torch.arange(self.copies, device=self.index.device)
+        return (self.index[None, :] + self.period * copy[:, None]).flatten()
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """``[..., count]`` per column -> ``[..., tokens]``: the sum over each token's copies."""

@@ -9,8 +9,9 @@ latent batch, i.e. the source followed by the targets. Only conditional chunks a
 """
 from __future__ import annotations
 
+import bisect
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -182,15 +183,47 @@ def same_rows(x: torch.Tensor) -> bool:
 
 
 @dataclass(frozen=True)
-class _OnColumns:
-    """The plan on one conditioning width, stacked over targets."""
+class _Window:
+    """The cross-attention replace windows at one noise level, on the device."""
 
-    images: tuple[Columns, ...]  # where each prompt's tokens sit (source first)
-    matrix: torch.Tensor  # [n, K, K]
-    from_source: torch.Tensor  # [n, K]
+    editing: bool  # some column is inside its window
+    from_source: torch.Tensor | None  # [n, K] bool: the columns taking the source's map; None: none does
+    scale: torch.Tensor | None  # [n, 1, 1, K]: reweight factors inside the window; None: all 1
+
+
+@dataclass(frozen=True)
+class _OnColumns:
+    """The plan on one conditioning width and device, stacked over targets.
+
+    Which columns are inside their window depends on the noise level alone, so it is decided on the
+    host, once per level (``window``): testing device tensors, or copying host tensors to the device,
+    at every attention call would make the host wait for the device's queue each time.
+    """
+
+    images: tuple[Columns, ...]  # where each prompt's tokens sit (source first), indexed on the device
+    matrix: torch.Tensor  # [n, K, K], on the device
+    padding: torch.Tensor | None  # [images, K] additive key mask (-inf on padding), None without padding
+    from_source: torch.Tensor  # [n, K], on the host like the two below
     scale: torch.Tensor  # [n, K]
     cross_sigma: torch.Tensor  # [n, K]: the column takes the source's map while sigma > this
-    padding: torch.Tensor | None  # [images, K] additive key mask (-inf on padding), None without padding
+    levels: tuple[float, ...]  # the distinct values of cross_sigma, ascending
+    windows: dict[int, _Window] = field(default_factory=dict)  # by how many levels sigma is above
+
+    def window(self, sigma: float) -> _Window:
+        """The windows at noise level ``sigma``."""
+        level = bisect.bisect_left(self.levels, sigma)
+        cached = self.windows.get(level)
+        if cached is None:
+            device = self.matrix.device
+            inside = sigma > self.cross_sigma
+            from_source = self.from_source & inside
+            scale = torch.where(inside, self.scale, torch.ones_like(self.scale))
+            cached = self.windows[level] = _Window(
+                editing=bool(inside.any()),
+                from_source=from_source.to(device) if bool(from_source.any()) else None,
+                scale=None if bool((scale == 1).all()) else scale[:, None, None, :].to(device),
+            )
+        return cached
 
 
 class P2PController:
@@ -252,13 +285,15 @@ class P2PController:
             source, targets = images[0], images[1:]
             spread = lambda values, cols, fill: cols.spread(values, fill)  # noqa: E731
             padding = torch.stack([c.padding for c in images])
+            cross_sigma = torch.stack([spread(s, c, 0.0) for s, c in zip(self._cross_sigma, targets)])
             cached = _OnColumns(
-                images=tuple(images),
+                images=tuple(c.to(device) for c in images),
                 matrix=torch.stack([map_on_columns(t.token_map.matrix, source, c) for t, c in zip(self.plan.targets, targets)]).to(device),
-                from_source=torch.stack([spread(t.token_map.from_source, c, False) for t, c in zip(self.plan.targets, targets)]).to(device),
-                scale=torch.stack([spread(t.scale, c, 1.0) for t, c in zip(self.plan.targets, targets)]).to(device),
-                cross_sigma=torch.stack([spread(s, c, 0.0) for s, c in zip(self._cross_sigma, targets)]).to(device),
                 padding=torch.zeros(padding.shape, device=device).masked_fill(padding.to(device), float("-inf")) if bool(padding.any()) else None,
+                from_source=torch.stack([spread(t.token_map.from_source, c, False) for t, c in zip(self.plan.targets, targets)]),
+                scale=torch.stack([spread(t.scale, c, 1.0) for t, c in zip(self.plan.targets, targets)]),
+                cross_sigma=cross_sigma,
+                levels=tuple(sorted(set(cross_sigma.flatten().tolist()))),
             )
             self._on_columns[(keys, device)] = cached
         return cached
@@ -333,8 +368,8 @@ class P2PController:
         laid_out = self._takes_source_layout(call, rows)
         mask = self.key_mask(call, q.shape[0], k.shape[2], q.device)
         on = None if call.text is None or not rows else self.on_columns(call.text.stop - call.text.start, q.device)
-        inside = None if on is None else call.sigma > on.cross_sigma
-        editing = inside is not None and bool(inside.any())
+        window = None if on is None else on.window(call.sigma)
+        editing = window is not None and window.editing
         if editing and call.image_keys is not None:
             out, mass = self._attend_with_mass(q, k, v, call, rows, laid_out, mask, attend)
         elif laid_out:
@@ -347,8 +382,6 @@ class P2PController:
             out, mass = attend(q, k, v, mask, slice(None)), None
         if on is None:
             return out
-        from_source = on.from_source & inside
-        scale = torch.where(inside, on.scale, torch.ones_like(on.scale))[:, None, None, :]
         for source, targets in rows:
             images = slice(source, targets.stop)
             v_text = v[targets, :, call.text].float()
@@ -359,7 +392,7 @@ class P2PController:
                     queries = queries[:1].expand_as(queries)
                 recorded = text_distribution(queries, k[images, :, call.text], on.padding)
                 if editing:
-                    edited = self._edit_block(recorded, mass, out, v_text, targets, block, on, from_source, scale)
+                    edited = self._edit_block(recorded, mass, out, v_text, targets, block, on.matrix, window)
                     if edited is not None:
                         recorded = torch.cat([recorded[:1], edited])
                 # Handed over a block at a time: a recorder sums them where it keeps them, and no map
@@ -418,9 +451,8 @@ class P2PController:
         v_text: torch.Tensor,
         targets: slice,
         block: slice,
-        on: _OnColumns,
-        from_source: torch.Tensor,
-        scale: torch.Tensor,
+        matrix: torch.Tensor,
+        window: _Window,
     ) -> torch.Tensor | None:
         """Add the edit of one block of queries to ``out``; the targets' maps as edited (None: unchanged).
 
@@ -429,12 +461,12 @@ class P2PController:
         query keeps its own share ``mass`` of the softmax for the text (so its image keys keep
         theirs); in cross-attention the share is 1.
         """
-        own = dist[1:]
-        mapped = map_cross_probs(dist[0], own, on.matrix, from_source)
-        reweighting = not bool((scale == 1).all())
-        if mapped is own and not reweighting:
+        if window.from_source is None and window.scale is None:
             return None
-        edited = mapped * scale if reweighting else mapped
+        own = dist[1:]
+        edited = own if window.from_source is None else map_cross_probs(dist[0], own, matrix, window.from_source)
+        if window.scale is not None:
+            edited = edited * window.scale
         change = edited - own
         if mass is not None:
             change = change * mass[targets, :, block, None]
