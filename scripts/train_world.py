@@ -1,7 +1,7 @@
 """Train the tiny world model (tests/world_model.py) on the synthetic world (tests/world_scenes.py).
 
     nice -n 10 .venv/bin/python scripts/train_world.py            # ~1 hour on 2 CPU cores
-    python scripts/train_world.py --device cuda --images 40000 --vae-steps 3000 --steps 12000 --batch 128 --minutes 6
+    python scripts/train_world.py --family flux --device cuda --images 100000 --workers 4 --vae-steps 3000 --vae-batch 64 --steps 40000 --batch 512 --lr 5e-4 --minutes 5.3
     .venv/bin/python scripts/train_world.py --out /tmp/w.safetensors --images 64 --vae-steps 5 --steps 5   # a smoke run
 
 Three phases, each resumable from the state folder (``--state``, outside git): the VAE (TAESD,
