@@ -207,7 +207,8 @@ def keep_saved_tensors(tensor: torch.Tensor) -> torch.Tensor:
 def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """Trains until ``--steps`` or until ``--minutes`` of this session are spent (the state is saved
     either way); returns the EMA of the weights. With ``--minutes``, the learning-rate schedule is
-    fitted to the time: after its first 100 timed steps, it ends at the steps the rest of the time allows."""
+    fitted to the time: after its first 100 timed steps and at every save, it is set to end at the
+    step the rest of the time allows at the speed so far."""
     parts.clip.cond_stage_model.to(args.device)  # with the text encoders that stay fixed (flux's CLIP-L)
     modules = {name: m.to(args.device) for name, m in parts.trainable().items()}
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
@@ -228,7 +229,7 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
     skipped = 0
     deadline = time.monotonic() + 60 * args.minutes
     last_save = time.monotonic()
-    timing = (step + 20, step + 120)  # steps between which the speed is measured (after warm-up)
+    timed_from_step = step + 20  # the speed is measured from here (after warm-up)
     interrupted = []  # Ctrl-C (SIGINT) ends the loop after the step under way, as --minutes does
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     with tqdm(total=planned, initial=step, desc=family.name, dynamic_ncols=True) as bar:
@@ -256,11 +257,14 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", skipped=skipped)
-            if step == timing[0]:
+            if step == timed_from_step:
                 timed_from = time.monotonic()
-            if step == timing[1] and math.isfinite(args.minutes):
-                rate = (timing[1] - timing[0]) / (time.monotonic() - timed_from)
-                planned = min(planned, step + int(rate * (deadline - time.monotonic())))
+            # Fitted after 100 timed steps, and again at every save: the speed changes when other
+            # jobs share the machine.
+            fitting = step == timed_from_step + 100 or (step > timed_from_step + 100 and time.monotonic() - last_save > SAVE_EVERY_S)
+            if fitting and math.isfinite(args.minutes):
+                rate = (step - timed_from_step) / (time.monotonic() - timed_from)
+                planned = max(step + 1, min(args.steps, step + int(rate * (deadline - time.monotonic()))))
                 bar.total = planned
                 print(f"\n{rate:.1f} steps/s: the schedule ends at step {planned}")
             stop = bool(interrupted) or time.monotonic() > deadline
