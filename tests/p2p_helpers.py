@@ -6,7 +6,38 @@ from typing import Any
 
 import torch
 
+import tiny_models
+
 NEGATIVE = "blurry, low quality"
+
+
+# Node ids of ``controller_prompt``'s fixed nodes (the edit nodes take "2" on, so that their labels,
+# "P2P Word Swap #3", say where they are in the chain).
+CHECKPOINT_ID, LATENT_ID, CONTROLLER_ID, NEGATIVE_ID, SAMPLER_ID, CAPTURE_ID = "1", "10", "11", "12", "13", "14"
+
+
+def controller_prompt(edits: list[dict], steps: int = 0, negative: str = "", capture: str = "out") -> dict:
+    """An API prompt on the tiny SD1.5 checkpoint: the edit nodes ``edits`` (``{"class_type", "inputs"}``,
+    ids "2" on, each fed the one before it, the last into the controller) -> P2P Controller -> with
+    ``steps``, KSampler (euler, cfg 7, seed 1) on ``negative``, whose LATENT is captured as
+    ``capture``; without, the controller's latent is captured."""
+    prompt = {CHECKPOINT_ID: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_models.tiny_checkpoint_name("sd15")}}}
+    for number, edit in enumerate(edits, start=2):
+        chained = {"p2p_edit": [str(number - 1), 0]} if number > 2 else {}
+        prompt[str(number)] = {"class_type": edit["class_type"], "inputs": {**edit["inputs"], **chained}}
+    prompt[LATENT_ID] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    prompt[CONTROLLER_ID] = {"class_type": "P2PController", "inputs": {
+        "model": [CHECKPOINT_ID, 0], "clip": [CHECKPOINT_ID, 1], "p2p_edit": [str(len(edits) + 1), 0], "latent": [LATENT_ID, 0],
+        "cross_replace_steps": 0.8, "self_replace_steps": 0.4}}
+    captured = [CONTROLLER_ID, 2]
+    if steps:
+        prompt[NEGATIVE_ID] = {"class_type": "CLIPTextEncode", "inputs": {"clip": [CHECKPOINT_ID, 1], "text": negative}}
+        prompt[SAMPLER_ID] = {"class_type": "KSampler", "inputs": {
+            "model": [CONTROLLER_ID, 0], "seed": 1, "steps": steps, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": [CONTROLLER_ID, 1], "negative": [NEGATIVE_ID, 0], "latent_image": [CONTROLLER_ID, 2], "denoise": 1.0}}
+        captured = [SAMPLER_ID, 0]
+    prompt[CAPTURE_ID] = {"class_type": "TestCaptureLatent", "inputs": {"value": captured, "key": capture}}
+    return prompt
 
 
 def controller_of(host: Any, model: Any) -> Any:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import comfy_host
-import tiny_models
-from p2p_helpers import assert_same, controller_of, p2p, plain, reweight, sample, swap
+from p2p_helpers import CONTROLLER_ID, SAMPLER_ID, assert_same, controller_of, controller_prompt, p2p, plain, reweight, sample, swap
 
 PROMPT = "a photo of a cat riding a bicycle"
 TARGET = "a photo of a dog riding a bicycle"
@@ -70,25 +69,12 @@ def test_chains_to_an_attention_patch_already_on_the_model(host, load_tiny):
 
 
 def test_executor_runs_twice_with_cached_patched_model(host, captured):
-    import tiny_models
-
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_models.tiny_checkpoint_name("sd15")}},
-        "2": {"class_type": "P2PWordSwap", "inputs": {"source": PROMPT, "target": TARGET}},
-        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "4": {"class_type": "P2PController", "inputs": {"model": ["1", 0], "clip": ["1", 1], "p2p_edit": ["2", 0], "latent": ["3", 0],
-                                                         "cross_replace_steps": 0.8, "self_replace_steps": 0.4}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
-        "6": {"class_type": "KSampler", "inputs": {"model": ["4", 0], "seed": 1, "steps": 3, "cfg": 7.0, "sampler_name": "euler",
-                                                   "scheduler": "normal", "positive": ["4", 1], "negative": ["5", 0],
-                                                   "latent_image": ["4", 2], "denoise": 1.0}},
-        "7": {"class_type": "TestCaptureLatent", "inputs": {"value": ["6", 0], "key": "a"}},
-    }
+    prompt = controller_prompt([{"class_type": "P2PWordSwap", "inputs": {"source": PROMPT, "target": TARGET}}], steps=3, negative="blurry", capture="a")
     first = host.execute(prompt)
     a = captured["a"]["samples"].clone()
-    prompt["6"]["inputs"]["seed"] = 2  # re-runs the sampler only; the patched MODEL comes from the cache
+    prompt[SAMPLER_ID]["inputs"]["seed"] = 2  # re-runs the sampler only; the patched MODEL comes from the cache
     host.execute(prompt, executor=first["executor"])
-    prompt["6"]["inputs"]["seed"] = 1
+    prompt[SAMPLER_ID]["inputs"]["seed"] = 1
     host.execute(prompt, executor=first["executor"])
     assert torch.equal(captured["a"]["samples"], a)
 
@@ -108,23 +94,17 @@ def test_edits_that_do_not_fit_the_prompts_get_clear_errors(host, load_tiny, mak
 
 def chained_swaps_prompt(second_target: str) -> dict:
     """Two chained Word Swaps into a controller; the controller's latent is captured."""
-    ckpt = tiny_models.tiny_checkpoint_name("sd15")
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "P2PWordSwap", "inputs": {"source": PROMPT, "target": TARGET}},
-        "3": {"class_type": "P2PWordSwap", "inputs": {"source": PROMPT, "target": second_target, "p2p_edit": ["2", 0]}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "5": {"class_type": "P2PController", "inputs": {"model": ["1", 0], "clip": ["1", 1], "p2p_edit": ["3", 0], "latent": ["4", 0],
-                                                       "cross_replace_steps": 0.8, "self_replace_steps": 0.4}},
-        "6": {"class_type": "TestCaptureLatent", "inputs": {"value": ["5", 2], "key": "latent"}},
-    }
+    return controller_prompt([
+        {"class_type": "P2PWordSwap", "inputs": {"source": PROMPT, "target": TARGET}},
+        {"class_type": "P2PWordSwap", "inputs": {"source": PROMPT, "target": second_target}},
+    ])
 
 
 @pytest.mark.parametrize(
     "second_target, failing_node, match",
     [
         ("a photo of a big dog riding a bicycle", "3", r"\[P2P Word Swap #3 › target\] .*'a photo of a big dog riding a bicycle' has 9"),
-        ("a photo of a embedding:nosuchemb riding a bicycle", "5",
+        ("a photo of a embedding:nosuchemb riding a bicycle", CONTROLLER_ID,
          r"\[P2P Word Swap #3 › target\] the embedding 'embedding:nosuchemb' in 'a photo of a embedding:nosuchemb riding a bicycle' was not found"),
     ],
 )

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import comfy_host
-import tiny_models
-from p2p_helpers import swap
+from p2p_helpers import CONTROLLER_ID, controller_prompt, swap
 
 PROMPT = "a photo of a cat riding a bicycle"
 TARGET = "a photo of a dog riding a bicycle"
@@ -118,22 +117,10 @@ def test_a_nan_mask_is_rejected(host, valid_calls):
         call(host, "P2PLocalBlend", {**valid_calls["P2PLocalBlend"], "mask": mask})
 
 
-@pytest.mark.parametrize("node, input_name", [("2", "scale"), ("3", "cross_replace_steps"), ("3", "self_replace_steps")])
+@pytest.mark.parametrize("node, input_name", [("2", "scale"), (CONTROLLER_ID, "cross_replace_steps"), (CONTROLLER_ID, "self_replace_steps")])
 def test_nan_passes_comfyui_validation_and_stops_at_the_node(host, node, input_name):
     """Over the API ComfyUI's min / max check lets NaN through; the node names it, before sampling."""
-    ckpt = tiny_models.tiny_checkpoint_name("sd15")
-    prompt = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "2": {"class_type": "P2PReweight", "inputs": {"words": "cat", "scale": 2.0, "prompt": PROMPT}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "3": {"class_type": "P2PController", "inputs": {"model": ["1", 0], "clip": ["1", 1], "p2p_edit": ["2", 0], "latent": ["4", 0],
-                                                       "cross_replace_steps": 0.8, "self_replace_steps": 0.4}},
-        "5": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "6": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "seed": 1, "steps": 2, "cfg": 7.0, "sampler_name": "euler",
-                                                   "scheduler": "normal", "positive": ["3", 1], "negative": ["5", 0],
-                                                   "latent_image": ["3", 2], "denoise": 1.0}},
-        "7": {"class_type": "TestCaptureLatent", "inputs": {"value": ["6", 0], "key": "out"}},
-    }
+    prompt = controller_prompt([{"class_type": "P2PReweight", "inputs": {"words": "cat", "scale": 2.0, "prompt": PROMPT}}], steps=2)
     prompt[node]["inputs"][input_name] = math.nan
     with pytest.raises(comfy_host.ExecutionError) as error:
         host.execute(prompt)
