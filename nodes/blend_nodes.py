@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from ..p2p_attention import edits
 from ..p2p_attention.errors import P2PError
-from ..p2p_attention.ranges import FRACTION
-from .edit_nodes import HIDDEN, node_label, parsed_words
+from .edit_nodes import HIDDEN, fraction_input, node_label, parsed_words
 from .patch import installed_controller
 
 VAE_DOWNSCALE = 8  # pixels per latent cell in SD1.x, SD2.x and SDXL
@@ -47,18 +46,9 @@ class P2PLocalBlend:
                 "source_words": _words("cat", "Words of the source prompt whose region may change, comma separated (e.g. the replaced object)."),
                 "target_words": _words("dog", "Words of the target prompt(s) whose region may change (e.g. the new object). Either list may be empty."),
                 "subtract_words": _words("", "Optional words whose region is cut out of the mask and kept from the source (e.g. 'bicycle')."),
-                "threshold": (
-                    "FLOAT",
-                    {"default": 0.3, **FRACTION.widget(), "step": 0.01, "tooltip": "Normalised attention above which a pixel is in the region: lower grows the region. The paper uses 0.3."},
-                ),
-                "start_blend": (
-                    "FLOAT",
-                    {
-                        "default": 0.2,
-                        **FRACTION.widget(),
-                        "step": 0.01,
-                        "tooltip": "Fraction of the schedule after which the blend applies (the first steps settle the maps). The paper uses 0.2.",
-                    },
+                "threshold": fraction_input(0.3, "Normalised attention above which a pixel is in the region: lower grows the region. The paper uses 0.3."),
+                "start_blend": fraction_input(
+                    0.2, "Fraction of the schedule after which the blend applies (the first steps settle the maps). The paper uses 0.2."
                 ),
             },
             "optional": {

@@ -11,6 +11,7 @@ from ..p2p_attention.controller import CONTROLLER, DEFAULT_SELF_REPLACE, SELF_RE
 from ..p2p_attention.edits import P2PEdit, parse_word_values
 from ..p2p_attention.errors import P2PError
 from ..p2p_attention.ranges import FRACTION
+from .edit_nodes import fraction_input
 from .invert_node import check_inverted_latent
 from .patch import CONDITIONING_KEY, SUPPORTED, install, layout_of, model_family, percent_to_sigma
 from .tokenize import encode_prompt
@@ -57,10 +58,6 @@ def shared_noise_latent(latent: dict, images: int) -> dict:
     return out
 
 
-def _fraction(name: str, tooltip: str, default: float) -> tuple:
-    return ("FLOAT", {"default": default, **FRACTION.widget(), "step": 0.01, "tooltip": tooltip})
-
-
 class P2PController:
     DESCRIPTION = (
         "Prompt-to-Prompt: generates the source image and the edited images together from the same "
@@ -91,18 +88,16 @@ class P2PController:
                     "LATENT",
                     {"tooltip": "A batch-1 latent: Empty Latent Image, or an encoded / inverted image."},
                 ),
-                "cross_replace_steps": _fraction(
-                    "cross_replace_steps",
+                "cross_replace_steps": fraction_input(
+                    0.8,
                     "Fraction of the schedule (from the start, as ComfyUI's start/end percent) during which "
                     "the edits take the source's cross-attention maps. Higher keeps more of the source; "
                     "the paper uses 0.8.",
-                    0.8,
                 ),
-                "self_replace_steps": _fraction(
-                    "self_replace_steps",
+                "self_replace_steps": fraction_input(
+                    0.4,
                     "Fraction of the schedule during which the edits take the source's self-attention "
                     "(layout and shapes). Lower lets the edit change shape more; typical 0.2-0.6.",
-                    0.4,
                 ),
             },
             "optional": {

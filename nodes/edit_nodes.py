@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import partial
 
 from ..p2p_attention import edits
-from ..p2p_attention.ranges import REWEIGHT_SCALE
+from ..p2p_attention.ranges import FRACTION, REWEIGHT_SCALE
 from .tokenize import check_prompt_weights, typed_words
 
 # ComfyUI passes the node's id: messages name "P2P Word Swap #12", so chained nodes are told apart.
@@ -14,6 +14,11 @@ parsed_words = partial(typed_words, weights=True)  # words as CLIP Text Encode p
 
 def node_label(name: str, unique_id: str | None) -> str:
     return f"{name} #{unique_id}" if unique_id is not None else name
+
+
+def fraction_input(default: float, tooltip: str) -> tuple:
+    """A FLOAT input from 0 to 1 (a fraction of the schedule, a threshold), checked with ``FRACTION``."""
+    return ("FLOAT", {"default": default, **FRACTION.widget(), "step": 0.01, "tooltip": tooltip})
 
 
 EDIT_TOOLTIP = "Optional: an edit to extend. This node's target is added after its targets (one more image per run)."
