@@ -38,7 +38,6 @@ sys.path.insert(0, str(REPO / "tests"))
 import comfy_host  # noqa: E402
 import world_edits  # noqa: E402
 import world_model  # noqa: E402
-import world_scenes  # noqa: E402
 
 METRICS = ("structure_iou", "edit_success", "background_psnr", "reconstruction_psnr")
 
@@ -57,7 +56,7 @@ def start_worker(threads: int, family: str, checkpoint: Path | None) -> None:
     work = tempfile.mkdtemp(prefix="p2p-bench-")
     atexit.register(shutil.rmtree, work, True)
     host = comfy_host.boot(Path(work))
-    _WORKER.update(host=host, world=world_edits.load_world(host, family, checkpoint), settings=world_edits.FAMILY_SETTINGS[family])
+    _WORKER.update(host=host, world=world_edits.load_world(host, family, checkpoint))
 
 
 def run_one(job: tuple) -> world_edits.CaseResult:
@@ -67,17 +66,14 @@ def run_one(job: tuple) -> world_edits.CaseResult:
     return result
 
 
-def follow_one(seed: int) -> tuple[int, dict[str, float]]:
-    """A random scene's caption generated plainly from ``seed``: (objects, caption following)."""
-    scene = world_scenes.sample_scene(np.random.default_rng([seed, 99]))
-    with torch.inference_mode():
-        picture = world_edits.generate(_WORKER["host"], _WORKER["world"], world_scenes.caption(scene), seed, _WORKER["settings"])
-    return len(scene.objects), world_scenes.caption_following(picture, scene)
+def follow_one(job: tuple) -> tuple[int, dict[str, float]]:
+    seed, settings = job
+    return world_edits.follow_caption(_WORKER["host"], _WORKER["world"], seed, settings)
 
 
-def caption_following(pool: ProcessPoolExecutor, seeds: range) -> None:
+def caption_following(pool: ProcessPoolExecutor, seeds: range, settings: world_edits.Settings) -> None:
     """How often plain generations show what their captions name, by the number of objects."""
-    results = list(pool.map(follow_one, seeds))
+    results = list(pool.map(follow_one, [(seed, settings) for seed in seeds]))
     keys = list(results[0][1])
     print(f"caption following over {len(results)} random captions (plain generation, one seed each)")
     print(f"{'objects':>8} {'n':>4}  " + "  ".join(f"{k:>10}" for k in keys))
@@ -158,7 +154,7 @@ def main() -> None:
               f"blend threshold {settings.threshold}, {args.seeds} seeds per case")
         started = time.perf_counter()
         if args.caption_following:
-            caption_following(pool, range(args.caption_following))
+            caption_following(pool, range(args.caption_following), settings)
             return
         if args.sweep:
             sweep(pool, seeds, settings)

@@ -179,6 +179,15 @@ def generate(host: Any, world: tuple, prompt: str, seed: int, settings: Settings
     return to_pixels(host.nodes.VAEDecode().decode(vae, samples)[0])[0]
 
 
+def follow_caption(host: Any, world: tuple, seed: int, settings: Settings) -> tuple[int, dict[str, float]]:
+    """A random scene's caption (the scene drawn from ``seed``) generated plainly from ``seed``:
+    (its objects, how well the picture shows the caption, ``world_scenes.caption_following``)."""
+    scene = ws.sample_scene(np.random.default_rng([seed, 99]))
+    with torch.inference_mode():
+        picture = generate(host, world, ws.caption(scene), seed, settings)
+    return len(scene.objects), ws.caption_following(picture, scene)
+
+
 def p2p_generate(host: Any, world: tuple, p2p_edit: Any, seed: int, settings: Settings) -> tuple[list[np.ndarray], Any, dict]:
     """The P2P run from noise: [source, target] pictures, the patched model and the sampled latent."""
     model, clip, vae = world
