@@ -159,13 +159,7 @@ def edit_graph(
         {"id": 1, "type": "CheckpointLoaderSimple", "size": (320, 100), "widgets": {"ckpt_name": checkpoint}},
         *edit_nodes,
         {"id": 10, "type": latent, "size": (320, 110), "widgets": {"width": size, "height": size, "batch_size": 1}},
-        {
-            "id": 11,
-            "type": "P2PController",
-            "size": (340, 200),
-            "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
-            "in": {"model": (1, 0), "clip": (1, 1), "p2p_edit": (edit_out, 0), "latent": (10, 0)},
-        },
+        controller(model=(1, 0), edit_out=edit_out, latent=(10, 0)),
         {"id": 12, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": negative}, "in": {"clip": (1, 1)}},
         *([] if guidance is None else [
             {"id": 19, "type": "FluxGuidance", "size": (340, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (11, 1)}}
@@ -179,6 +173,17 @@ def edit_graph(
         },
         *decode_and_save("p2p", note),
     ]
+
+
+def controller(model: tuple[int, int], edit_out: int, latent: tuple[int, int]) -> dict:
+    """P2P Controller (node 11) at its defaults, on the checkpoint's CLIP."""
+    return {
+        "id": 11,
+        "type": "P2PController",
+        "size": (340, 200),
+        "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
+        "in": {"model": model, "clip": (1, 1), "p2p_edit": (edit_out, 0), "latent": latent},
+    }
 
 
 def decode_and_save(prefix: str, note: str) -> list[dict]:
@@ -210,7 +215,7 @@ def picture_inputs(checkpoint: str, source: str, target: str) -> list[dict]:
     the source prompt and an empty negative for the inversion."""
     return [
         {"id": 1, "type": "CheckpointLoaderSimple", "size": (320, 100), "widgets": {"ckpt_name": checkpoint}},
-        {"id": 2, "type": "P2PWordSwap", "size": (420, 200), "widgets": {"source": source, "target": target}},
+        swap(2, source, target),
         {"id": 3, "type": "LoadImage", "size": (320, 320), "widgets": {"image": REAL_IMAGE}},
         {"id": 4, "type": "VAEEncode", "size": (220, 50), "in": {"pixels": (3, 0), "vae": (1, 2)}},
         {"id": 5, "type": "CLIPTextEncode", "size": (340, 120), "widgets": {"text": source}, "in": {"clip": (1, 1)}},
@@ -231,13 +236,7 @@ def real_image_graph(source: str, target: str, note: str) -> list[dict]:
             "widgets": {"steps": steps, "cfg": cfg, "scheduler": scheduler, "method": "null-text"},
             "in": {"model": (1, 0), "positive": (5, 0), "negative": (6, 0), "latent": (4, 0)},
         },
-        {
-            "id": 11,
-            "type": "P2PController",
-            "size": (340, 200),
-            "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
-            "in": {"model": (7, 1), "clip": (1, 1), "p2p_edit": (2, 0), "latent": (7, 0)},
-        },
+        controller(model=(7, 1), edit_out=2, latent=(7, 0)),
         {
             "id": 13,
             "type": "KSamplerAdvanced",
@@ -270,13 +269,7 @@ def flux_real_image_graph(source: str, target: str, note: str) -> list[dict]:
             "widgets": {"steps": steps, "cfg": 1.0, "scheduler": scheduler, "method": "fireflow"},
             "in": {"model": (1, 0), "positive": (7, 0), "negative": (6, 0), "latent": (4, 0)},
         },
-        {
-            "id": 11,
-            "type": "P2PController",
-            "size": (340, 200),
-            "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
-            "in": {"model": (8, 1), "clip": (1, 1), "p2p_edit": (2, 0), "latent": (8, 0)},
-        },
+        controller(model=(8, 1), edit_out=2, latent=(8, 0)),
         {"id": 12, "type": "FluxGuidance", "size": (320, 60), "widgets": {"guidance": guidance}, "in": {"conditioning": (11, 1)}},
         {
             "id": 9,
