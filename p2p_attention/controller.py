@@ -30,8 +30,9 @@ CONTROLLER = "P2P Controller"
 # to the latent: the official implementation (both its notebooks) replaces maps of at most 16x16 for
 # a 64x64 latent, i.e. 1/4 of the latent and coarser; 1/2 and coarser also replaces the 32x32 maps.
 # The finer layers keep the target's own detail. The default, 1/2 and coarser, is the one the
-# edit-quality benchmark chose: on the tiny world model's swaps it keeps more of the source's
-# structure (IoU 0.50 against 0.41) at the same edit success (README, "Edit quality", "Defaults").
+# edit-quality benchmark chose: on the first tiny world model's swaps it kept more of the source's
+# structure (IoU 0.50 against 0.41) at the same edit success; the current one, whose captions pin
+# the layout, scores both alike (README, "Edit quality", "Defaults").
 SELF_REPLACE_DOWNSCALES = {"1/4 and coarser": 4, "1/2 and coarser": 2}
 DEFAULT_SELF_REPLACE = "1/2 and coarser"
 # Queries per block of explicit cross-attention probabilities: a block's few float32 temporaries

@@ -35,9 +35,10 @@ WORLD_SCENE = world_scenes.Scene((world_scenes.make_object("circle", "red", "lar
 WORLD_SOURCE = world_scenes.caption(WORLD_SCENE)  # "a large red circle in the middle on a gray background"
 WORLD_TARGETS = [WORLD_SOURCE.replace("red", colour) for colour in ("blue", "green")]
 WORLD_REFINED = WORLD_SOURCE.replace("a gray", "a striped gray")
-# Seed 1 is one where this undertrained model keeps the circle's place in the swap (seeds 0 to 6:
-# 2 of 7 do; the benchmark's colour-swap figures give the average, README "Edit quality").
-WORLD_SETTINGS = {"width": 128, "height": 128, "steps": 20, "cfg": 5.0, "seed": 1}
+# Seed 4 is one where the swap keeps the circle as it is (seeds 0 to 6: every one keeps its place;
+# in others the edit draws a square or spills the new colour into a second object; the benchmark's
+# colour-swap figures give the average, README "Edit quality").
+WORLD_SETTINGS = {"width": 128, "height": 128, "steps": 20, "cfg": 5.0, "seed": 4}
 
 
 def fail(message: str) -> None:

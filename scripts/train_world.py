@@ -3,17 +3,20 @@
     nice -n 10 .venv/bin/python scripts/train_world.py            # ~1 hour on 2 CPU cores
     python scripts/train_world.py --family flux --device cuda --images 100000 --workers 4 --vae-steps 3000 --vae-batch 64 --steps 40000 --batch 512 --lr 5e-4 --minutes 5.3
     .venv/bin/python scripts/train_world.py --out /tmp/w.safetensors --images 64 --vae-steps 5 --steps 5   # a smoke run
+    .venv/bin/python scripts/train_world.py --init tests/data/world_sd15.safetensors --minutes 40   # go on from a checkpoint
 
 Three phases, each resumable from the state folder (``--state``, outside git): the VAE (TAESD,
 encoder and decoder, on crops of world pictures), the dataset (scenes rendered, captions tokenized
 with the family's ComfyUI tokenizers, pictures encoded once by the trained encoder), and the denoiser
-with its text encoder, trained jointly (the family's loss: SD1.x eps prediction for ``sd15``, flow
+with its text encoder, trained jointly (the family's loss: v prediction on SD1.x's schedule for ``sd15``, flow
 matching for ``flux``; 10% of the captions dropped for classifier-free guidance; an EMA of the
 weights is what gets saved). The state is saved every minute; stopping the denoiser (Ctrl-C, or
 ``--minutes`` running out) saves it and writes the checkpoint of the steps so far, and running the
 same command again goes on from there. Everything is drawn from ``--seed`` (on the CPU, so a GPU
 run draws the same batches and noise). The result is one checkpoint that the stock
-CheckpointLoaderSimple loads once the world architecture is registered.
+CheckpointLoaderSimple loads once the world architecture is registered. ``--init`` starts the
+denoiser, the text encoders and the VAE from a checkpoint the script wrote (the VAE is then kept as
+it is), e.g. to go on training a committed model, or to train it for another objective.
 """
 from __future__ import annotations
 
@@ -170,13 +173,24 @@ def train_vae(parts, images: np.ndarray, state: State, args: argparse.Namespace)
                 generator = np.random.default_rng([args.seed, 1, step])
 
 
+def start_from(parts, family, path: Path) -> None:
+    """``--init``: every weight of a world checkpoint of ``family`` (the fp16 of the file, in float32)."""
+    import comfy.utils
+
+    saved = comfy.utils.load_torch_file(str(path))
+    with torch.no_grad():
+        for name, tensor in family.state_dict(parts).items():
+            if tensor.numel():  # not a marker key such as v_pred
+                tensor.copy_(saved[name])
+
+
 def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State, args: argparse.Namespace) -> dict:
     """Latents of every picture (by the trained encoder, divided by their std) and caption tokens."""
     saved = state.load("dataset")
     if saved is not None and saved["count"] == len(images):
         return saved
     with torch.no_grad():
-        if args.vae_steps == 0:  # the untouched block-average start: its latents are block means
+        if args.vae_steps == 0 and args.init is None:  # the untouched block-average start: its latents are block means
             latents = block_average_latents(images, parts.vae.taesd_encoder[-1].out_channels)
             exact = parts.vae.taesd_encoder(to_tensor(images[:16]).to(args.device)).cpu()
             torch.testing.assert_close(latents[:16], exact, atol=1e-4, rtol=1e-4)
@@ -309,6 +323,7 @@ def main() -> None:
     parser.add_argument("--family", default="sd15", choices=sorted(world_model.FAMILIES))
     parser.add_argument("--state", type=Path, default=REPO / ".world_train", help="resumable state (outside git)")
     parser.add_argument("--out", type=Path, help="the checkpoint to write (default: the family's committed one)")
+    parser.add_argument("--init", type=Path, help="start from this checkpoint of the family (its VAE kept, no VAE phase)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=3000, help="pictures in the dataset (each encoded once)")
     parser.add_argument("--vae-steps", type=int, default=0, help="VAE fine-tuning steps (0: the block-average start)")
@@ -332,9 +347,12 @@ def main() -> None:
     comfy_host.import_comfy()
     family = world_model.FAMILIES[args.family]
     parts = family.build()
-    state = State(args.state / f"{args.family}-seed{args.seed}")
+    state = State(args.state / (f"{args.family}-seed{args.seed}" + (f"-from-{args.init.stem}" if args.init else "")))
     images, captions = render_dataset(args.images, args.seed, args.workers)
-    train_vae(parts, images, state, args)
+    if args.init is None:
+        train_vae(parts, images, state, args)
+    else:
+        start_from(parts, family, args.init)
     dataset = encode_dataset(parts, images, captions, state, args)
     del images
     ema = train_denoiser(parts, family, dataset, state, args)

@@ -5,7 +5,7 @@ Like ``tiny_models``, it is a test-only subclass of ComfyUI's real ``SD15`` mode
 widths, put first in ``comfy.supported_models.models`` so that the stock CheckpointLoaderSimple
 loads its checkpoint (``FAMILIES["sd15"].checkpoint``). Everything else is ComfyUI's: ``UNetModel``,
 the CLIP text model (``SDClipModel``, CLIP-L's last layer after the final layer norm, as SD1.x) with
-the real CLIP tokenizer, SD1.x's eps-prediction noise schedule, and TAESD as the VAE. (The stock
+the real CLIP tokenizer, SD1.x's noise schedule (predicting v, as SD2.x-v models do: ``_sd15_loss``), and TAESD as the VAE. (The stock
 loader builds a KL autoencoder only at its full width of 128 channels, ~80M parameters; a TAESD
 found in a checkpoint's ``first_stage_model.`` keys it loads as it is.)
 
@@ -67,6 +67,7 @@ UNET_CONFIG: dict[str, Any] = {
     "context_dim": TEXT_WIDTH,
 }
 HEADS = 4
+V_PREDICTION_KEY = "v_pred"  # the key ComfyUI's BaseModel.state_dict_for_saving adds for v-prediction models
 MATCH_KEYS = ("context_dim", "model_channels", "use_linear_in_transformer", "adm_in_channels", "use_temporal_attention",
               "transformer_depth", "channel_mult", "num_res_blocks")
 
@@ -87,16 +88,22 @@ _REGISTERED: dict[str, type] = {}
 
 
 def _world_sd15_class() -> type:
+    import comfy.model_base
     import comfy.supported_models as supported
     import comfy.supported_models_base as base
 
     encoder = tiny_models.text_encoder_class("world_l", "clip_l", TEXT_CONFIG, projected_pooled=False)
 
     class WorldSD15(supported.SD15):
-        """SD15 with the world model's widths: matched only by its own UNet."""
+        """SD15 with the world model's widths: matched only by its own UNet. A checkpoint with the
+        ``v_pred`` key that ComfyUI writes into v-prediction models is one (SDXL's config reads that
+        key too; SD15's leaves such models to a Model Sampling Discrete node)."""
 
         unet_config = {k: UNET_CONFIG[k] for k in MATCH_KEYS}
         unet_extra_config = {**supported.SD15.unet_extra_config, "num_heads": HEADS, "num_head_channels": -1}
+
+        def model_type(self, state_dict: dict, prefix: str = "") -> Any:
+            return comfy.model_base.ModelType.V_PREDICTION if V_PREDICTION_KEY in state_dict else super().model_type(state_dict, prefix)
 
         def clip_target(self, state_dict: Any = None) -> Any:
             return base.ClipTarget(tiny_models.single_tokenizer_class("l", TEXT_WIDTH, True), tiny_models.single_clip_class("l", encoder))
@@ -240,7 +247,7 @@ def _build_sd15() -> Parts:
     cls = register_world_architecture()
     config = cls(json.loads(json.dumps(UNET_CONFIG)))
     config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({}, "", device=torch.device("cpu"))
+    model = config.get_model({V_PREDICTION_KEY: torch.tensor([])}, "", device=torch.device("cpu"))
     clip = comfy.sd.CLIP(config.clip_target())
     vae = comfy.taesd.taesd.TAESD()
     for module in (model.diffusion_model, clip.cond_stage_model, vae):
@@ -255,15 +262,24 @@ def _build_sd15() -> Parts:
 
 
 def _sd15_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator: torch.Generator) -> torch.Tensor:
-    """SD1.x's training objective: eps prediction at a uniform discrete timestep of its schedule,
-    the input scaled as ComfyUI's EPS model sampling scales it (x = x0 + sigma * eps)."""
+    """SD2.x-v's training objective on SD1.x's schedule: v prediction at a uniform discrete timestep,
+    through ComfyUI's V_PREDICTION model sampling (x = x0 + sigma * eps; the v loss is the denoised
+    error weighted (sigma^2 + 1) / sigma^2).
+
+    Not SD1.x's eps prediction: its loss weighs the denoised error by 1 / sigma^2, nearly nothing at
+    the noise levels where the caption has to decide the background and the layout, and the first
+    world model, trained on eps, drew them from the starting noise (its denoised error at the
+    schedule's top, 1.7, was above the latents' own variance, 1; any background word gave the
+    same picture)."""
     sampling = parts.model.model_sampling
     steps = torch.randint(0, len(sampling.sigmas), (latents.shape[0],), generator=generator)
-    sigma = sampling.sigmas[steps].to(latents)[:, None, None, None]
+    sigma = sampling.sigmas[steps].to(latents)
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    noisy = latents + sigma * noise
-    prediction = parts.model.diffusion_model(noisy / (sigma**2 + 1).sqrt(), timesteps=steps.to(latents.device).float(), context=encoded["l"][0])
-    return torch.nn.functional.mse_loss(prediction, noise)
+    noisy = sampling.noise_scaling(sigma, noise, latents)
+    prediction = parts.model.diffusion_model(sampling.calculate_input(sigma, noisy), timesteps=sampling.timestep(sigma), context=encoded["l"][0])
+    denoised = sampling.calculate_denoised(sigma, prediction, noisy)
+    weight = (sigma**2 + 1) / sigma**2
+    return (weight[:, None, None, None] * (denoised - latents) ** 2).mean()
 
 
 def _sd15_state_dict(parts: Parts) -> dict[str, torch.Tensor]:
