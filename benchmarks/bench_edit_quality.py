@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_edit_quality.py              # every case, 50 seeds each
     .venv/bin/python benchmarks/bench_edit_quality.py --sweep      # the figures behind the defaults
     .venv/bin/python benchmarks/bench_edit_quality.py --caption-following 200   # does the model follow its captions
+    .venv/bin/python benchmarks/bench_edit_quality.py --no-places  # edit prompts that leave the layout to the seed
 
 Every run goes through the pack's real nodes and the stock ones (CheckpointLoaderSimple, KSampler,
 KSamplerAdvanced, VAE Encode / Decode) on the real ComfyUI host; scenes, edits and scores are in
@@ -14,7 +15,8 @@ line gives the means over every scored case and seed.
 ``--sweep`` runs the settings the defaults were chosen from (cross / self replace windows, the
 self-attention resolutions, the local blend threshold), each on the cases it acts on.
 ``--caption-following N`` scores N plain generations of random captions: how often the named
-colours, shapes, places, background colours and patterns are there.
+colours, shapes, places, background colours and patterns are there. ``--no-places`` leaves the
+objects' places out of the edit prompts (the world's captions, and so the default prompts, name them).
 """
 from __future__ import annotations
 
@@ -144,14 +146,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker: the tiny model's ops are too small to share")
     parser.add_argument("--family", default="sd15", choices=sorted(world_model.FAMILIES), help="the world model's family")
     parser.add_argument("--checkpoint", type=Path, help="a world checkpoint of that family (default: the committed one)")
+    parser.add_argument("--no-places", action="store_true", help="edit prompts without the objects' places (the captions name them)")
     args = parser.parse_args()
 
-    settings = world_edits.FAMILY_SETTINGS[args.family]
+    settings = replace(world_edits.FAMILY_SETTINGS[args.family], places=not args.no_places)
     seeds = range(args.seeds)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=start_worker, initargs=(args.threads, args.family, args.checkpoint)) as pool:
         print(f"tiny world model ({args.family}), {settings.steps} {settings.sampler} steps ({settings.scheduler}), cfg {settings.cfg}, "
               f"cross {settings.cross_replace_steps}, self {settings.self_replace_steps} ({settings.self_replace_resolution}), "
-              f"blend threshold {settings.threshold}, {args.seeds} seeds per case")
+              f"blend threshold {settings.threshold}, {args.seeds} seeds per case, {'' if settings.places else 'no '}places in the edit prompts")
         started = time.perf_counter()
         if args.caption_following:
             caption_following(pool, range(args.caption_following), settings)

@@ -75,10 +75,10 @@ def first_valid(host, world, case: str, settings: world_edits.Settings) -> world
     raise RuntimeError(f"no valid source for {case} in 20 seeds")
 
 
-def edits_sheet(results: dict[str, world_edits.CaseResult]) -> Image.Image:
+def edits_sheet(results: dict[str, world_edits.CaseResult], settings: world_edits.Settings) -> Image.Image:
     rows = []
     for case, result in results.items():
-        source, target = world_scenes.caption(result.edit.source), world_scenes.caption(result.edit.target)
+        source, target = world_edits.prompt(result.edit.source, settings), world_edits.prompt(result.edit.target, settings)
         first = "real picture (rendered)" if case.startswith("real image") else f"source: {source}"
         tiles = [tile(world_scenes.render(result.edit.source)[0] if case.startswith("real image") else result.images["source"], first, 270),
                  tile(result.images["p2p"], f"P2P {case}: {target}", 270),
@@ -143,7 +143,7 @@ def main() -> None:
         host = comfy_host.boot(Path(work))
         world = world_edits.load_world(host)
         nodes = host.pack.NODE_CLASS_MAPPINGS
-        edits_sheet({case: first_valid(host, world, case, settings) for case in ROWS}).save(DOCS / "world_edits.png")
+        edits_sheet({case: first_valid(host, world, case, settings) for case in ROWS}, settings).save(DOCS / "world_edits.png")
         print("wrote", DOCS / "world_edits.png")
 
         with torch.inference_mode():
@@ -165,7 +165,7 @@ def main() -> None:
         sheet = Image.new("RGB", (sum(t.width + 10 for t in tiles), tiles[0].height), "white")
         for i, t in enumerate(tiles):
             sheet.paste(t, (i * (t.width + 10), 0))
-        labelled(sheet, f"P2P Local Blend Mask: {world_scenes.caption(blend.source)} -> {blend.target.objects[0].colour}").save(DOCS / "world_blend_mask.png")
+        labelled(sheet, f"P2P Local Blend Mask: {world_edits.prompt(blend.source, settings)} -> {blend.target.objects[0].colour}").save(DOCS / "world_blend_mask.png")
         print("wrote", DOCS / "world_blend_mask.png")
 
 

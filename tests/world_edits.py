@@ -41,6 +41,10 @@ class Settings:
     start_blend: float = 0.2
     reweight_scale: float = -1.0
     null_text_iterations: int = 3  # the paper's 10 costs 50 s a picture on this project's CPU
+    # Whether the edit prompts name each object's place, as the world's captions do. A place word
+    # pins the layout in this world, so from the same seed the edited prompt alone keeps it too;
+    # without them the layout is left to the seed, as a user's prompt leaves it (README, "Edit quality").
+    places: bool = True
 
 
 # Each family sampled as its kind is: SD1.x with DDIM; the flow (Flux) world with Euler on its own
@@ -99,10 +103,15 @@ def make_edit(case: str, seed: int) -> Edit:
     raise ValueError(f"unknown case {case!r}")
 
 
+def prompt(scene: ws.Scene, settings: Settings) -> str:
+    """An edit's prompt for ``scene``: its caption, with or without the places (``settings.places``)."""
+    return ws.caption(scene, settings.places)
+
+
 def edit_nodes(host: Any, edit: Edit, settings: Settings) -> Any:
     """The P2P_EDIT the case's edit nodes make (as a user wires them)."""
     nodes = host.pack.NODE_CLASS_MAPPINGS
-    source, target = ws.caption(edit.source), ws.caption(edit.target)
+    source, target = prompt(edit.source, settings), prompt(edit.target, settings)
     if edit.case == "background refine":
         return nodes["P2PRefine"]().edit(source, target)[0]
     if edit.case == "reweight":
@@ -206,7 +215,7 @@ def p2p_real(host: Any, world: tuple, edit: Edit, p2p_edit: Any, picture: np.nda
     latent = host.nodes.VAEEncode().encode(vae, pixels)[0]
     negative = encode(host, clip, NEGATIVE)
     inverted, inverted_model, _ = host.pack.NODE_CLASS_MAPPINGS["P2PDDIMInvert"]().invert(
-        model, encode(host, clip, ws.caption(edit.source)), negative, latent, settings.steps, settings.cfg, settings.scheduler,
+        model, encode(host, clip, prompt(edit.source, settings)), negative, latent, settings.steps, settings.cfg, settings.scheduler,
         method, settings.null_text_iterations)
     patched, positive, batch = host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(
         inverted_model, clip, p2p_edit, inverted, settings.cross_replace_steps, settings.self_replace_steps, "", settings.self_replace_resolution)
@@ -227,7 +236,7 @@ def run_case(host: Any, world: tuple, case: str, seed: int, settings: Settings, 
             source_image, p2p_image = p2p_real(host, world, edit, p2p_edit, picture, method, settings)
         else:
             (source_image, p2p_image), _, _ = p2p_generate(host, world, p2p_edit, seed, settings)
-        plain_image = generate(host, world, ws.caption(edit.target), seed, settings) if baseline else None
+        plain_image = generate(host, world, prompt(edit.target, settings), seed, settings) if baseline else None
     reference = picture if real else source_image
     images = {"source": source_image, "p2p": p2p_image, **({"plain": plain_image} if baseline else {})}
     masks = source_masks(edit, reference, real)

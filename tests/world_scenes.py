@@ -119,9 +119,10 @@ def sample_scene(rng: np.random.Generator, objects: int | None = None) -> Scene:
     return Scene(tuple(chosen), str(rng.choice(list(BACKGROUND_COLOURS))), str(rng.choice(PATTERNS)))
 
 
-def caption(scene: Scene) -> str:
-    """E.g. "a small red circle at the top left and a large blue square in the middle on a striped gray background"."""
-    things = " and ".join(f"a {o.words} {PLACES[o.place]}" for o in scene.objects)
+def caption(scene: Scene, places: bool = True) -> str:
+    """E.g. "a small red circle at the top left and a large blue square in the middle on a striped gray
+    background" (without ``places``: "a small red circle and a large blue square on a ...")."""
+    things = " and ".join(f"a {o.words}" + (f" {PLACES[o.place]}" if places else "") for o in scene.objects)
     pattern = "" if scene.pattern == "plain" else f"{scene.pattern} "
     return f"{things} on a {pattern}{scene.background} background"
 
