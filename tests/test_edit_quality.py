@@ -18,9 +18,9 @@ import world_edits
 SEEDS = range(6)
 # (family, case): (P2P structure IoU at least, P2P edit success at least); P2P's structure must also
 # beat plain regeneration's by STRUCTURE_MARGIN. Benchmark means (50 seeds): see the README tables.
-# The SD1.x world model draws each object where its caption places it, so in the
-# swaps plain regeneration keeps the layout as well as P2P (README): its floor is on local blend,
-# where P2P keeps the other object, which plain regeneration redraws.
+# The SD1.x world model draws each object where its caption places it, so in the swaps plain
+# regeneration keeps the layout as well as P2P (README): its floor is on local blend, where P2P
+# keeps the other object, which plain regeneration redraws.
 FLOORS = {
     ("sd15", "local blend"): (0.40, 0.60),  # 0.56 / 0.83 over 50 seeds; 0.29, plain's, with the P2P windows at 0
     ("flux", "shape swap"): (0.60, 0.15),  # the DiT path's layout replacement (0.82 / 0.40 over 50 seeds)

@@ -5,9 +5,10 @@ Like ``tiny_models``, it is a test-only subclass of ComfyUI's real ``SD15`` mode
 widths, put first in ``comfy.supported_models.models`` so that the stock CheckpointLoaderSimple
 loads its checkpoint (``FAMILIES["sd15"].checkpoint``). Everything else is ComfyUI's: ``UNetModel``,
 the CLIP text model (``SDClipModel``, CLIP-L's last layer after the final layer norm, as SD1.x) with
-the real CLIP tokenizer, SD1.x's noise schedule (predicting v, as SD2.x-v models do: ``_sd15_loss``), and TAESD as the VAE. (The stock
-loader builds a KL autoencoder only at its full width of 128 channels, ~80M parameters; a TAESD
-found in a checkpoint's ``first_stage_model.`` keys it loads as it is.)
+the real CLIP tokenizer, SD1.x's noise schedule (predicting v, as SD2.x-v models do: ``_sd15_loss``),
+and TAESD as the VAE. (The stock loader builds a KL autoencoder only at its full width of 128
+channels, ~80M parameters; a TAESD found in a checkpoint's ``first_stage_model.`` keys it loads as
+it is.)
 
 The layout mirrors SD1.5's at 1/4 of its latent size and 1/10 of its width, for 128 px images
 (16x16 latents): four levels (1/1, 1/2, 1/4, 1/8 of the latent), cross-attention at the first three
@@ -261,6 +262,16 @@ def _build_sd15() -> Parts:
     return Parts(config, model, clip, vae, {"l": "clip_l"}, {"unet": model.diffusion_model, "text": clip.cond_stage_model.clip_l})
 
 
+def _noised(parts: Parts, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigma, noise, noisy latents): a uniform draw from the model's own table of noise levels, and
+    the latents noised at it as the model's sampling noises them (``noise_scaling``)."""
+    sampling = parts.model.model_sampling
+    steps = torch.randint(0, len(sampling.sigmas), (latents.shape[0],), generator=generator)
+    sigma = sampling.sigmas[steps].to(latents)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    return sigma, noise, sampling.noise_scaling(sigma, noise, latents)
+
+
 def _sd15_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator: torch.Generator) -> torch.Tensor:
     """SD2.x-v's training objective on SD1.x's schedule: v prediction at a uniform discrete timestep,
     through ComfyUI's V_PREDICTION model sampling (x = x0 + sigma * eps; the v loss is the denoised
@@ -272,10 +283,7 @@ def _sd15_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator:
     schedule's top, 1.7, was above the latents' own variance, 1; any background word gave the
     same picture)."""
     sampling = parts.model.model_sampling
-    steps = torch.randint(0, len(sampling.sigmas), (latents.shape[0],), generator=generator)
-    sigma = sampling.sigmas[steps].to(latents)
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    noisy = sampling.noise_scaling(sigma, noise, latents)
+    sigma, _, noisy = _noised(parts, latents, generator)
     prediction = parts.model.diffusion_model(sampling.calculate_input(sigma, noisy), timesteps=sampling.timestep(sigma), context=encoded["l"][0])
     denoised = sampling.calculate_denoised(sigma, prediction, noisy)
     weight = (sigma**2 + 1) / sigma**2
@@ -329,10 +337,7 @@ def _flux_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator:
     the model predicts noise - x0 (its denoised is x - sigma * output), at a uniform sigma of the
     model's own table (Flux.1-schnell's: shift 1, so t / 1000 for t = 1..1000)."""
     sampling = parts.model.model_sampling
-    steps = torch.randint(0, len(sampling.sigmas), (latents.shape[0],), generator=generator)
-    sigma = sampling.sigmas[steps].to(latents)
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    noisy = sampling.noise_scaling(sigma, noise, latents)
+    sigma, noise, noisy = _noised(parts, latents, generator)
     prediction = parts.model.diffusion_model(noisy, sampling.timestep(sigma), context=encoded["t5xxl"][0], y=encoded["l"][1])
     return torch.nn.functional.mse_loss(prediction, noise - latents)
 
