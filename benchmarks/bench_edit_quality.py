@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_edit_quality.py              # every case, 50 seeds each
     .venv/bin/python benchmarks/bench_edit_quality.py --sweep      # the figures behind the defaults
     .venv/bin/python benchmarks/bench_edit_quality.py --caption-following 200   # does the model follow its captions
-    .venv/bin/python benchmarks/bench_edit_quality.py --no-places  # edit prompts that leave the layout to the seed
+    .venv/bin/python benchmarks/bench_edit_quality.py --places     # edit prompts that name the objects' places
 
 Every run goes through the pack's real nodes and the stock ones (CheckpointLoaderSimple, KSampler,
 KSamplerAdvanced, VAE Encode / Decode) on the real ComfyUI host; scenes, edits and scores are in
@@ -15,8 +15,10 @@ line gives the means over every scored case and seed.
 ``--sweep`` runs the settings the defaults were chosen from (cross / self replace windows, the
 self-attention resolutions, the local blend threshold), each on the cases it acts on.
 ``--caption-following N`` scores N plain generations of random captions: how often the named
-colours, shapes, places, background colours and patterns are there. ``--no-places`` leaves the
-objects' places out of the edit prompts (the world's captions, and so the default prompts, name them).
+colours, shapes, places, background colours and patterns are there. ``--places`` / ``--no-places``
+name the objects' places in the edit prompts or leave them out (by default the SD1.x world's prompts
+leave them to the seed, as a user's prompt does; the Flux world's, trained on captions with places
+only, name them).
 """
 from __future__ import annotations
 
@@ -123,6 +125,7 @@ def sweep(pool: ProcessPoolExecutor, seeds: range, base: world_edits.Settings) -
     """The settings behind the defaults, each on the cases it acts on (P2P only)."""
     plans = [
         ("cross_replace_steps", [0.4, 0.6, 0.8, 1.0], ("colour swap", "shape swap")),
+        ("cross_replace_steps", [0.2, 0.4, 0.6, 0.8], ("background refine",)),  # a texture added by a new word
         ("self_replace_steps", [0.0, 0.2, 0.4, 0.6], ("colour swap", "shape swap")),
         ("self_replace_resolution", ["1/4 and coarser", "1/2 and coarser"], ("colour swap", "shape swap")),
         ("threshold", [0.2, 0.3, 0.4, 0.5], ("local blend",)),
@@ -146,10 +149,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker: the tiny model's ops are too small to share")
     parser.add_argument("--family", default="sd15", choices=sorted(world_model.FAMILIES), help="the world model's family")
     parser.add_argument("--checkpoint", type=Path, help="a world checkpoint of that family (default: the committed one)")
-    parser.add_argument("--no-places", action="store_true", help="edit prompts without the objects' places (the captions name them)")
+    parser.add_argument("--places", action=argparse.BooleanOptionalAction,
+                        help="whether the edit prompts name the objects' places (default: the family's, world_edits.FAMILY_SETTINGS)")
     args = parser.parse_args()
 
-    settings = replace(world_edits.FAMILY_SETTINGS[args.family], places=not args.no_places)
+    settings = world_edits.FAMILY_SETTINGS[args.family]
+    if args.places is not None:
+        settings = replace(settings, places=args.places)
     seeds = range(args.seeds)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=start_worker, initargs=(args.threads, args.family, args.checkpoint)) as pool:
         print(f"tiny world model ({args.family}), {settings.steps} {settings.sampler} steps ({settings.scheduler}), cfg {settings.cfg}, "

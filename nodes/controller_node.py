@@ -29,7 +29,7 @@ def batched_conditioning(conds: list[torch.Tensor], extras: list[dict], columns:
     rows = []
     for cond, placed in zip(conds, columns):
         row = cond.new_zeros(1, placed.count, cond.shape[-1])
-        row[:, placed.spread_index().to(cond.device)] = cond.repeat(1, placed.copies, 1)
+        row[:, placed.spread_index.to(cond.device)] = cond.repeat(1, placed.copies, 1)
         rows.append(row)
     pooled = [e.get("pooled_output") for e in extras]
     # Present even where the encoder has none (Chroma's T5), as CLIP Text Encode gives it.

@@ -74,13 +74,29 @@ def split_mass(out: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tenso
     return out[..., :d].flatten(-2), out[..., d].transpose(1, 2).to(torch.float32, copy=True)
 
 
-def map_cross_probs(source: torch.Tensor, own: torch.Tensor, matrix: torch.Tensor, from_source: torch.Tensor) -> torch.Tensor:
+def map_cross_probs(
+    source: torch.Tensor, own: torch.Tensor, matrix: torch.Tensor, from_source: torch.Tensor, picks: torch.Tensor | None = None
+) -> torch.Tensor:
     """The paper's cross-attention replacement for ``n`` targets.
 
     ``source`` ``[h, q, K]`` and ``own`` ``[n, h, q, K]`` are probabilities; ``matrix`` ``[n, K, K]``
     maps source columns to target columns; ``from_source`` ``[n, K]`` says which target columns take
-    the source's map now (aligned and inside their replace window). Returns ``[n, h, q, K]``. Whether
-    any column does is the caller's to know: testing it here would wait for the device.
+    the source's map now (aligned and inside their replace window). ``picks`` (``selection(matrix)``,
+    where it is one) makes the map a gather instead of a product over all K x K column pairs, with
+    the same result. Returns ``[n, h, q, K]``. Whether any column does is the caller's to know:
+    testing it here would wait for the device.
     """
-    mapped = torch.einsum("hqs,nst->nhqt", source, matrix)
+    mapped = torch.einsum("hqs,nst->nhqt", source, matrix) if picks is None else source[:, :, picks].movedim(2, 0)
     return torch.where(from_source[:, None, None, :], mapped, own)
+
+
+def selection(matrix: torch.Tensor, from_source: torch.Tensor) -> torch.Tensor | None:
+    """``[n, K]``: the one source column each target column takes whole, where ``matrix`` ``[n, K, K]``
+    is such a selection on its ``from_source`` ``[n, K]`` columns (word swaps of equal token counts,
+    reweights; in one copy of the prompt); None where some such column sums or splits source
+    columns (words of unequal token counts, or a refine's tail of padding tokens)."""
+    nonzero = matrix != 0
+    whole = (nonzero.sum(dim=1) == 1) & (matrix.sum(dim=1) == 1)
+    if not bool(whole[from_source].all()):
+        return None
+    return nonzero.to(torch.uint8).argmax(dim=1)  # outside from_source: some column, never used

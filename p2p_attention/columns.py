@@ -12,6 +12,7 @@ The prompts of one P2P batch share one conditioning, so they must have one lengt
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -32,7 +33,7 @@ class Columns:
     def padding(self) -> torch.Tensor:
         """[count] bool: the columns that hold none of the prompt's tokens."""
         held = torch.zeros(self.count, dtype=torch.bool, device=self.index.device)
-        held[self.spread_index()] = True
+        held[self.spread_index] = True
         return ~held
 
     def to(self, device: torch.device) -> "Columns":
@@ -40,20 +41,22 @@ class Columns:
         copy from host memory waits for the device's queued work)."""
         return replace(self, index=self.index.to(device))
 
+    @cached_property
     def spread_index(self) -> torch.Tensor:
-        """[copies * tokens]: every column holding a token, copy by copy."""
+        """[copies * tokens]: every column holding a token, copy by copy (made once: the controller
+        gathers every attention call's maps with it)."""
         copy = torch.arange(self.copies, device=self.index.device)
         return (self.index[None, :] + self.period * copy[:, None]).flatten()
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """``[..., count]`` per column -> ``[..., tokens]``: the sum over each token's copies."""
-        picked = values[..., self.spread_index().to(values.device)]
+        picked = values[..., self.spread_index.to(values.device)]
         return picked.unflatten(-1, (self.copies, self.index.numel())).sum(dim=-2)
 
     def spread(self, values: torch.Tensor, fill: float | bool) -> torch.Tensor:
         """``[..., tokens]`` per token -> ``[..., count]``: each copy holds its token's value."""
         out = torch.full(values.shape[:-1] + (self.count,), fill, dtype=values.dtype, device=values.device)
-        out[..., self.spread_index().to(values.device)] = values.repeat(*([1] * (values.dim() - 1)), self.copies)
+        out[..., self.spread_index.to(values.device)] = values.repeat(*([1] * (values.dim() - 1)), self.copies)
         return out
 
 

@@ -32,12 +32,14 @@ REAL_IMAGE = "p2p_real_image_input.jpg"  # the real-image workflow's LoadImage f
 
 # The world model's edit: the source scene and the words each edit node changes.
 WORLD_SCENE = world_scenes.Scene((world_scenes.make_object("circle", "red", "large", (1, 1)),), "gray", "plain")
-WORLD_SOURCE = world_scenes.caption(WORLD_SCENE)  # "a large red circle in the middle on a gray background"
+# Without its place, as a user writes a prompt: the seed lays the picture out, and the edits keep it.
+WORLD_SOURCE = world_scenes.caption(WORLD_SCENE, places=False)  # "a large red circle on a gray background"
 WORLD_TARGETS = [WORLD_SOURCE.replace("red", colour) for colour in ("blue", "green")]
 WORLD_REFINED = WORLD_SOURCE.replace("a gray", "a striped gray")
-# Seed 4 is one where the swap keeps the circle as it is (seeds 0 to 6: every one keeps its place;
-# in others the edit draws a square or spills the new colour into a second object; the benchmark's
-# colour-swap figures give the average, README "Edit quality").
+# Seed 4 is one where the swap keeps the circle as it is and the refine draws stripes around it
+# (seeds 0 to 7: every swap keeps the circle's place; in others it also turns the circle into a
+# square or spills specks of the new colour on the background; the benchmark's colour-swap figures
+# give the average, README "Edit quality").
 WORLD_SETTINGS = {"width": 128, "height": 128, "steps": 20, "cfg": 5.0, "seed": 4}
 
 

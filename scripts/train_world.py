@@ -42,6 +42,9 @@ import world_model  # noqa: E402
 import world_scenes  # noqa: E402
 
 CAPTION_DROPOUT = 0.1  # the share of empty captions, for classifier-free guidance
+# The share of captions that leave the objects' places out, as a user's prompt mostly does: the
+# model then learns to put objects where the seed leads as well as where the words say.
+PLACELESS_SHARE = 0.5
 VAE_CROP = 48  # pixels: the VAE is convolutional, so it trains on crops (a 6x6 latent) for speed
 LATENT_PENALTY = 1e-3  # keeps the VAE's latents small (its decoder squashes them beyond about +-3)
 SAVE_EVERY_S = 60.0
@@ -53,15 +56,16 @@ def render_picture(scene: world_scenes.Scene) -> np.ndarray:
 
 def render_dataset(count: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
     """``count`` scenes drawn in order from ``seed`` (so the dataset does not depend on ``workers``),
-    rendered by ``workers`` processes."""
+    rendered by ``workers`` processes, and their captions (PLACELESS_SHARE of them without places)."""
     rng = np.random.default_rng(seed)
     scenes = [world_scenes.sample_scene(rng) for _ in range(count)]
+    with_places = rng.random(count) >= PLACELESS_SHARE
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
             pictures = list(pool.map(render_picture, scenes, chunksize=256))
     else:
         pictures = [render_picture(s) for s in tqdm(scenes, desc="render", dynamic_ncols=True)]
-    return np.stack(pictures), [world_scenes.caption(s) for s in scenes]
+    return np.stack(pictures), [world_scenes.caption(s, bool(p)) for s, p in zip(scenes, with_places)]
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -187,7 +191,7 @@ def start_from(parts, family, path: Path) -> None:
 def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State, args: argparse.Namespace) -> dict:
     """Latents of every picture (by the trained encoder, divided by their std) and caption tokens."""
     saved = state.load("dataset")
-    if saved is not None and saved["count"] == len(images):
+    if saved is not None and saved["captions"] == captions:  # not a dataset of an older world
         return saved
     with torch.no_grad():
         if args.vae_steps == 0 and args.init is None:  # the untouched block-average start: its latents are block means

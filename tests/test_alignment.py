@@ -183,3 +183,22 @@ def test_embeddings_in_prompts_align(host, p2p, load_tiny):
     missing = prompt_tokens(clip, "a photo of embedding:nosuchemb dog")
     with pytest.raises(p2p.errors.P2PError, match=r"embedding 'embedding:nosuchemb'.*was not found"):
         p2p.alignment.word_swap_map(source, missing)
+
+
+def test_a_selection_maps_probabilities_as_the_matrix_does(p2p, tokens):
+    """The gather that replaces the K x K product where every aligned target token takes one
+    source token whole gives the product's result exactly; split or summed tokens keep the product."""
+    attention, alignment = p2p.attention, p2p.alignment
+    source = tokens("a cat on the mat")
+    probs = torch.rand(2, 64, 77).softmax(dim=-1)  # [heads, queries, tokens]
+    own = torch.rand(2, 2, 64, 77).softmax(dim=-1)
+    m = alignment.word_swap_map(source, tokens("a dog on the mat"))
+    matrix, from_source = torch.stack([m.matrix] * 2), torch.stack([m.from_source] * 2)
+    picks = attention.selection(matrix, from_source)
+    assert picks is not None
+    assert torch.equal(attention.map_cross_probs(probs, own, matrix, from_source, picks),
+                       attention.map_cross_probs(probs, own, matrix, from_source))
+    hippo = tokens("a hippopotamus on the mat")
+    # cat split over three pieces; the three summed into cat; a longer target's padding tail summed
+    for m in (alignment.word_swap_map(source, hippo), alignment.word_swap_map(hippo, source), alignment.refine_map(source, tokens("a big cat on the mat"))):
+        assert attention.selection(m.matrix[None], m.from_source[None]) is None

@@ -77,6 +77,9 @@ def test_the_world_model_follows_its_captions(host, family):
 
 
 def test_the_scorer_reads_rendered_scenes_exactly():
+    for pattern in world_scenes.PATTERNS:
+        for phase in range(world_scenes.PATTERN_PHASES):  # however the pattern lies
+            assert world_scenes.read_background(world_scenes.background_image("brown", pattern, phase)) == ("brown", pattern)
     rng = np.random.default_rng(0)
     for _ in range(40):
         scene = world_scenes.sample_scene(rng)

@@ -41,15 +41,17 @@ class Settings:
     start_blend: float = 0.2
     reweight_scale: float = -1.0
     null_text_iterations: int = 3  # the paper's 10 costs 50 s a picture on this project's CPU
-    # Whether the edit prompts name each object's place, as the world's captions do. A place word
-    # pins the layout in this world, so from the same seed the edited prompt alone keeps it too;
-    # without them the layout is left to the seed, as a user's prompt leaves it (README, "Edit quality").
-    places: bool = True
+    # Whether the edit prompts name each object's place, as half the SD1.x world's training captions
+    # and all the Flux world's do. A place word pins the layout in this world, so from the same seed
+    # the edited prompt alone keeps it too; without them the layout is left to the seed, as a user's
+    # prompt leaves it (README, "Edit quality").
+    places: bool = False
 
 
 # Each family sampled as its kind is: SD1.x with DDIM; the flow (Flux) world with Euler on its own
 # "simple" schedule, which starts at pure noise (DDIM's "ddim_uniform" would start at sigma 0.9).
-FAMILY_SETTINGS = {"sd15": Settings(), "flux": Settings(sampler="euler", scheduler="simple")}
+# The Flux world was trained on captions with places only, and draws few objects without them.
+FAMILY_SETTINGS = {"sd15": Settings(), "flux": Settings(sampler="euler", scheduler="simple", places=True)}
 
 
 @dataclass(frozen=True)

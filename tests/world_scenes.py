@@ -1,8 +1,10 @@
 """The synthetic world of the tiny world model: scenes, their captions and pictures, and scoring.
 
 A scene is one to three objects (a shape, a colour, a size and a place on a 3x3 grid) on a
-background (a colour, plain or with a pattern). ``render`` draws it exactly and keeps every object's
-mask; ``caption`` names everything in it. The scoring half reads *generated* pictures back: each
+background (a colour, plain or with a pattern). Captions name all of that; what they leave to the
+seed is each object's exact position in its place and how its pattern lies (stripes across or down,
+and where stripes and dots start), so that a picture is more than its caption, as a real one is.
+``render`` draws it exactly and keeps every object's mask; ``caption`` names everything in it. The scoring half reads *generated* pictures back: each
 pixel takes the nearest colour of the world's palette, objects are the connected regions of one
 object colour, their shape comes from how much of their bounding box they fill, and the
 background is the most common background colour with its pattern. Everything is numpy (and
@@ -37,9 +39,12 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 17, "large": 25}  # radius in pixels: the object fits a square of twice that
 PATTERNS = ("plain", "striped", "dotted")  # "plain" is left out of captions
 # Patterns sit on the 8 px cells of the 16x16 latent, so that even a VAE that keeps only each cell's
-# mean colour keeps them: 8 px stripes, and dots inside every other cell in both directions.
+# mean colour keeps them: 8 px stripes, and dots inside every other cell in both directions. A
+# pattern lies in one of PATTERN_PHASES ways: stripes down or across, starting in the first or the
+# second cell; dots in any of the four cells of their 2x2 period.
 STRIPE_PERIOD = 16
 DOT_PERIOD, DOT_RADIUS = 16, 4
+PATTERN_PHASES = 4
 
 # The 3x3 grid of places (row, column) and how captions say them.
 PLACES: dict[tuple[int, int], str] = {
@@ -48,14 +53,14 @@ PLACES: dict[tuple[int, int], str] = {
     (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
 }
 CELL = IMAGE_SIZE / 3
-JITTER = 6  # pixels an object's centre may move from its cell's centre
+JITTER = 9  # pixels an object's centre may move from its cell's centre
 MAX_OBJECTS = 3
 OBJECT_COUNT_WEIGHTS = (0.5, 0.3, 0.2)  # one, two, three objects: single objects are the most common
 
 # Scoring thresholds.
 MIN_OBJECT_AREA = 120  # pixels: smaller regions of an object colour are noise, not objects
 MAX_COLOUR_DISTANCE = 90.0  # RGB distance beyond which a pixel matches no palette colour
-STRIPED_MIN_SPREAD = 0.35  # std over columns of the share of pattern pixels: 0.5 for stripes, 0.25 for dots
+STRIPED_MIN_SPREAD = 0.35  # std over columns (or rows) of the share of pattern pixels: 0.5 for stripes, 0.25 for dots
 PATTERN_MIN_SHARE = 0.06  # share of pattern pixels in the background below which it is plain
 
 
@@ -81,6 +86,7 @@ class Scene:
     objects: tuple[SceneObject, ...]
     background: str
     pattern: str
+    phase: int = 0  # how the pattern lies (0 .. PATTERN_PHASES - 1; background_image), not captioned
 
 
 # --- making scenes ---------------------------------------------------------------------------------
@@ -116,7 +122,7 @@ def sample_scene(rng: np.random.Generator, objects: int | None = None) -> Scene:
             chosen.append(make_object(str(rng.choice(SHAPES)), str(colour), str(rng.choice(list(SIZES))), list(PLACES)[cell], offset))
         if not any(overlaps(a, b) for i, a in enumerate(chosen) for b in chosen[i + 1:]):
             break
-    return Scene(tuple(chosen), str(rng.choice(list(BACKGROUND_COLOURS))), str(rng.choice(PATTERNS)))
+    return Scene(tuple(chosen), str(rng.choice(list(BACKGROUND_COLOURS))), str(rng.choice(PATTERNS)), int(rng.integers(PATTERN_PHASES)))
 
 
 def caption(scene: Scene, places: bool = True) -> str:
@@ -147,17 +153,21 @@ def object_mask(obj: SceneObject, size: int = IMAGE_SIZE, radius: float | None =
     return np.asarray(mask) > 127
 
 
-def background_image(colour: str, pattern: str, size: int = IMAGE_SIZE) -> np.ndarray:
-    """uint8 ``[size, size, 3]``: the background alone."""
+def background_image(colour: str, pattern: str, phase: int = 0, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 ``[size, size, 3]``: the background alone. ``phase`` (0..3) is (across, shift) for
+    stripes, (row, column) of the dots' cell for dots, as two bits."""
     base, second = (np.array(c, dtype=np.uint8) for c in BACKGROUND_COLOURS[colour])
     ys, xs = np.mgrid[0:size, 0:size]
+    high, low = divmod(phase, 2)
     if pattern == "plain":
         marked = np.zeros((size, size), dtype=bool)
     elif pattern == "striped":
-        marked = (xs // (STRIPE_PERIOD // 2)) % 2 == 1
+        along = ys if high else xs
+        marked = (along // (STRIPE_PERIOD // 2) + low) % 2 == 1
     elif pattern == "dotted":
-        dx = xs % DOT_PERIOD - DOT_PERIOD / 4 + 0.5  # centred in the first 8 px cell of each period
-        dy = ys % DOT_PERIOD - DOT_PERIOD / 4 + 0.5
+        cell = DOT_PERIOD // 2
+        dx = (xs - low * cell) % DOT_PERIOD - cell / 2 + 0.5  # centred in the chosen 8 px cell of each period
+        dy = (ys - high * cell) % DOT_PERIOD - cell / 2 + 0.5
         marked = dx**2 + dy**2 <= DOT_RADIUS**2
     else:
         raise ValueError(f"unknown pattern {pattern!r}")
@@ -166,7 +176,7 @@ def background_image(colour: str, pattern: str, size: int = IMAGE_SIZE) -> np.nd
 
 def render(scene: Scene) -> tuple[np.ndarray, list[np.ndarray]]:
     """The picture (uint8 ``[H, W, 3]``) and each object's mask (bool ``[H, W]``), in scene order."""
-    image = background_image(scene.background, scene.pattern)
+    image = background_image(scene.background, scene.pattern, scene.phase)
     masks = [object_mask(o) for o in scene.objects]
     for obj, mask in zip(scene.objects, masks):
         image[mask] = OBJECT_COLOURS[obj.colour]
@@ -247,8 +257,8 @@ def read_background(image: np.ndarray, labels: np.ndarray | None = None) -> tupl
     share = marked.sum() / ours.sum()
     if share < PATTERN_MIN_SHARE:
         return colour, "plain"
-    column_share = marked.sum(axis=0) / np.maximum(ours.sum(axis=0), 1)
-    return colour, "striped" if column_share.std() >= STRIPED_MIN_SPREAD else "dotted"
+    spread = max((marked.sum(axis=axis) / np.maximum(ours.sum(axis=axis), 1)).std() for axis in (0, 1))  # stripes down, across
+    return colour, "striped" if spread >= STRIPED_MIN_SPREAD else "dotted"
 
 
 def best_match(found: list[FoundObject], obj: SceneObject) -> FoundObject | None:
