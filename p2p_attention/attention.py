@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from .columns import pick_columns
+
 # ``(q, k, v, key_mask, rows) -> [b, queries, heads * dim_v]``: the model's own (fused) attention on
 # ``rows`` of the call's batch (q, k, v and key_mask hold those rows alone); key_mask is None or an
 # additive ``[b, 1, 1, keys]`` float mask.
@@ -86,7 +88,10 @@ def map_cross_probs(
     the same result. Returns ``[n, h, q, K]``. Whether any column does is the caller's to know:
     testing it here would wait for the device.
     """
-    mapped = torch.einsum("hqs,nst->nhqt", source, matrix) if picks is None else source[:, :, picks].movedim(2, 0)
+    if picks is None:
+        mapped = torch.einsum("hqs,nst->nhqt", source, matrix)
+    else:
+        mapped = pick_columns(source, picks.flatten()).unflatten(-1, picks.shape).movedim(2, 0)
     return torch.where(from_source[:, None, None, :], mapped, own)
 
 
