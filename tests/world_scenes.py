@@ -4,11 +4,12 @@ A scene is one to three objects (a shape, a colour, a size and a place on a 3x3 
 background (a colour, plain or with a pattern). Captions name all of that; what they leave to the
 seed is each object's exact position in its place and how its pattern lies (stripes across or down,
 and where stripes and dots start), so that a picture is more than its caption, as a real one is.
-``render`` draws it exactly and keeps every object's mask; ``caption`` names everything in it. The scoring half reads *generated* pictures back: each
-pixel takes the nearest colour of the world's palette, objects are the connected regions of one
-object colour, their shape comes from how much of their bounding box they fill, and the
-background is the most common background colour with its pattern. Everything is numpy (and
-scipy's connected components); nothing here imports torch or ComfyUI.
+``render`` draws it exactly and keeps every object's mask; ``caption`` names everything in it.
+The scoring half reads *generated* pictures back: each pixel takes the nearest colour of the
+world's palette, objects are the connected regions of one object colour, their shape is the
+outline that covers them best (``classify_shape``), and the background is the most common
+background colour with its pattern. Everything is numpy (and scipy's connected components);
+nothing here imports torch or ComfyUI.
 """
 from __future__ import annotations
 
