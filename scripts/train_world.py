@@ -7,13 +7,15 @@
 
 Three phases, each resumable from the state folder (``--state``, outside git): the VAE (TAESD,
 encoder and decoder, on crops of world pictures), the dataset (scenes rendered, captions tokenized
-with the family's ComfyUI tokenizers, pictures encoded once by the trained encoder), and the denoiser
-with its text encoder, trained jointly (the family's loss: v prediction on SD1.x's schedule for ``sd15``, flow
-matching for ``flux``; 10% of the captions dropped for classifier-free guidance; an EMA of the
-weights is what gets saved). The state is saved every minute; stopping the denoiser (Ctrl-C, or
-``--minutes`` running out) saves it and writes the checkpoint of the steps so far, and running the
-same command again goes on from there. Everything is drawn from ``--seed`` (on the CPU, so a GPU
-run draws the same batches and noise). The result is one checkpoint that the stock
+with the family's ComfyUI tokenizers, pictures encoded once by the trained encoder), and the
+denoiser with its text encoder, trained jointly (the family's loss: v prediction on SD1.x's schedule
+for ``sd15``, flow matching for ``flux``; 10% of the captions dropped for classifier-free guidance;
+the caption kept out of the end and padding tokens, so that it reaches the denoiser through its
+words, as Prompt-to-Prompt edits them (``content_free_padding``); an EMA of the weights is what gets
+saved). The state is saved every minute; stopping the denoiser (Ctrl-C, or ``--minutes`` running
+out) saves it and writes the checkpoint of the steps so far, and running the same command again
+goes on from there. Everything is drawn from ``--seed`` (on the CPU, so a GPU run draws the same
+batches and noise). The result is one checkpoint that the stock
 CheckpointLoaderSimple loads once the world architecture is registered. ``--init`` starts the
 denoiser, the text encoders and the VAE from a checkpoint the script wrote (the VAE is then kept as
 it is), e.g. to go on training a committed model, or to train it for another objective.
@@ -46,6 +48,9 @@ CAPTION_DROPOUT = 0.1  # the share of empty captions, for classifier-free guidan
 # model then learns to put objects where the seed leads as well as where the words say.
 PLACELESS_SHARE = 0.5
 VAE_CROP = 48  # pixels: the VAE is convolutional, so it trains on crops (a 6x6 latent) for speed
+# How strongly the text encoder is taught to keep the caption out of its end-of-text and padding
+# tokens (``content_free_padding``); their hidden states are of unit scale (a final layer norm).
+PADDING_WEIGHT = 1.0
 LATENT_PENALTY = 1e-3  # keeps the VAE's latents small (its decoder squashes them beyond about +-3)
 SAVE_EVERY_S = 60.0
 
@@ -222,6 +227,35 @@ def keep_saved_tensors(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.is_leaf else tensor.clone()
 
 
+def content_free_padding(parts, encoded: dict, tokens: torch.Tensor, empty: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """(what the denoiser sees, the padding loss) for ``encoded``, the encoders' output for the rows
+    of ``tokens`` followed by one row of ``empty`` (the empty caption).
+
+    A causal text encoder hands its end-of-text and padding tokens the whole caption, and a denoiser
+    trained jointly with it learns to read everything there: the first world model gave those tokens
+    52% to 84% of its cross-attention, each word 1% to 7%, so no word's attention changed the picture
+    (a reweight of -10 left it as it was). Here, in every trained encoder, each token from the first
+    end token on is taught (the returned MSE) to be what it is in the empty caption, and the denoiser
+    sees the empty caption's states there from the first step: the caption reaches it through its
+    words' tokens only, as Prompt-to-Prompt assumes. (Only tokens whose id is the empty caption's at
+    the same place: SD1.x pads with end tokens, so that is all of them; T5 pads with another id, so
+    its end token itself is left as it is.)"""
+    cond, loss = {}, torch.zeros(())
+    for key, ids in parts.split_tokens(tokens).items():
+        hidden, pooled = encoded[key]
+        hidden, empty_hidden = hidden[:-1], hidden[-1:]
+        pooled = pooled[:-1] if pooled is not None else None
+        if any(parts.encoder(key) is module for module in parts.trainable().values()):
+            empty_ids = parts.split_tokens(empty[None])[key]
+            after_end = (ids == parts.encoder(key).special_tokens["end"]).int().cumsum(1) > 0
+            tail = (after_end & (ids == empty_ids)).to(hidden.device)[..., None]
+            error = ((hidden - empty_hidden.detach()) ** 2 * tail).sum() / (tail.sum() * hidden.shape[-1]).clamp(min=1)
+            loss = loss.to(error) + error
+            hidden = torch.where(tail, empty_hidden, hidden)
+        cond[key] = (hidden, pooled)
+    return cond, loss
+
+
 def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     """Trains until ``--steps`` or until ``--minutes`` of this session are spent (the state is saved
     either way); returns the EMA of the weights. With ``--minutes``, the learning-rate schedule is
@@ -260,9 +294,10 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
                 group["lr"] = cosine_lr(step, planned, args.lr, 200)
             optimizer.zero_grad(set_to_none=True)
             with torch.autograd.graph.saved_tensors_hooks(keep_saved_tensors, lambda tensor: tensor):
-                cond = parts.encode_tokens(batch_tokens)
+                encoded = parts.encode_tokens(torch.cat([batch_tokens, empty[None]]))
+                cond, padding_loss = content_free_padding(parts, encoded, batch_tokens, empty)
                 loss = family.loss(parts, latents[picks.to(args.device)].float(), cond, generator)
-            loss.backward()
+            (loss + PADDING_WEIGHT * padding_loss).backward()
             if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):
                 optimizer.step()
             else:  # a rare overflow must not turn every weight into NaN
@@ -274,7 +309,7 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
                     torch._foreach_lerp_(list(ema[name].parameters()), list(module.parameters()), 1 - decay)
             bar.update(1)
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}", skipped=skipped)
+                bar.set_postfix(loss=f"{loss.item():.4f}", padding=f"{padding_loss.item():.4f}", skipped=skipped)
             if step == timed_from_step:
                 timed_from = time.monotonic()
             # Fitted after 100 timed steps, and again at every save: the speed changes when other

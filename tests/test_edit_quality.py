@@ -20,10 +20,10 @@ SEEDS = range(6)
 # (family, case): (P2P structure IoU at least, P2P edit success at least); P2P's structure must also
 # beat plain regeneration's by STRUCTURE_MARGIN, and its background PSNR plain's by BACKGROUND_MARGIN.
 # Benchmark means (50 seeds): see the README tables. With the P2P windows at 0, each SD1.x case
-# scores plain's structure and background on these seeds (0.34 and 25.6 dB, 0.41 and 24.0 dB), and fails.
+# scores plain's structure on these seeds (0.46, and 0.40 with the blend), and fails.
 FLOORS = {
-    ("sd15", "colour swap"): (0.50, 0.80),  # 0.67 / 1.00 over 50 seeds (0.65 / 1.00 on these, plain 0.34)
-    ("sd15", "local blend"): (0.45, 0.60),  # 0.58 / 0.91 over 50 seeds (0.57 / 1.00 on these, plain 0.41)
+    ("sd15", "colour swap"): (0.60, 0.80),  # 0.77 / 1.00 over 50 seeds (0.83 / 1.00 on these, plain 0.46)
+    ("sd15", "local blend"): (0.60, 0.80),  # 0.74 / 0.94 over 50 seeds (0.82 / 1.00 on these, plain 0.40)
     ("flux", "shape swap"): (0.60, 0.15),  # the DiT path's layout replacement (0.82 / 0.40 over 50 seeds)
 }
 BACKGROUND_MARGIN = 0.5  # dB
@@ -43,13 +43,14 @@ def test_p2p_keeps_the_layout_that_plain_regeneration_loses(host, family, case):
     p2p_structure = np.mean([r.p2p.structure_iou for r in valid])
     plain_structure = np.mean([r.plain.structure_iou for r in valid])
     p2p_success = np.mean([r.p2p.edit_success for r in valid])
-    p2p_background = np.mean([r.p2p.background_psnr for r in valid])
-    plain_background = np.mean([r.plain.background_psnr for r in valid])
-    figures = (f"{case} on {len(valid)} seeds: structure p2p {p2p_structure:.2f} plain {plain_structure:.2f}, "
-               f"edit success p2p {p2p_success:.2f}, background p2p {p2p_background:.1f} dB plain {plain_background:.1f} dB")
+    edits_background = valid[0].p2p.background_psnr is None  # the background is what the edit changes
+    p2p_background = None if edits_background else np.mean([r.p2p.background_psnr for r in valid])
+    plain_background = None if edits_background else np.mean([r.plain.background_psnr for r in valid])
+    figures = (f"{case} on {len(valid)} seeds: structure p2p {p2p_structure:.2f} plain {plain_structure:.2f}, edit success p2p {p2p_success:.2f}"
+               + ("" if edits_background else f", background p2p {p2p_background:.1f} dB plain {plain_background:.1f} dB"))
     print(figures)
     min_structure, min_success = FLOORS[family, case]
     assert p2p_structure >= min_structure, figures
     assert p2p_structure >= plain_structure + STRUCTURE_MARGIN, figures
-    assert p2p_background >= plain_background + BACKGROUND_MARGIN, figures
+    assert edits_background or p2p_background >= plain_background + BACKGROUND_MARGIN, figures
     assert p2p_success >= min_success, figures
