@@ -56,6 +56,8 @@ def tile(picture: np.ndarray, caption: str, width: int) -> Image.Image:
     image = Image.fromarray(picture).resize((picture.shape[1] * ZOOM, picture.shape[0] * ZOOM), Image.NEAREST)
     out = Image.new("RGB", (max(width, image.width), image.height + 48), "white")
     out.paste(image, (0, 0))
+    # Outlined: a white mask or background would otherwise merge with the page.
+    ImageDraw.Draw(out).rectangle((0, 0, image.width - 1, image.height - 1), outline="gray")
     words, line, lines = caption.split(), "", []
     for word in words:  # wrap the prompt under the picture
         if len(line) + len(word) > 42:
