@@ -122,21 +122,26 @@ def overall(rows: dict[str, dict], arm: str, metric: str) -> float:
 
 
 def sweep(pool: ProcessPoolExecutor, seeds: range, base: world_edits.Settings) -> None:
-    """The settings behind the defaults, each on the cases it acts on (P2P only)."""
+    """The settings behind the defaults, each on the cases it acts on (P2P only), per case and their mean."""
+    edits = ("colour swap", "shape swap", "background refine", "reweight", "local blend")
+    swaps = ("colour swap", "shape swap")
     plans = [
-        ("cross_replace_steps", [0.4, 0.6, 0.8, 1.0], ("colour swap", "shape swap")),
-        ("cross_replace_steps", [0.2, 0.4, 0.6, 0.8], ("background refine",)),  # a texture added by a new word
-        ("self_replace_steps", [0.0, 0.2, 0.4, 0.6], ("colour swap", "shape swap")),
-        ("self_replace_resolution", ["1/4 and coarser", "1/2 and coarser"], ("colour swap", "shape swap")),
+        ("cross_replace_steps", [0.2, 0.4, 0.6, 0.8, 1.0], edits),
+        ("self_replace_steps", [0.0, 0.2, 0.4, 0.6], swaps),
+        ("self_replace_resolution", ["1/4 and coarser", "1/2 and coarser"], swaps),
         ("threshold", [0.2, 0.3, 0.4, 0.5], ("local blend",)),
     ]
     for name, values, cases in plans:
-        print(f"\nsweep {name} on {', '.join(cases)} ({len(seeds)} seeds each; P2P)")
-        print(f"{name:>24}  {'structure_iou':>13}  {'edit_success':>12}  {'background_psnr':>15}")
+        print(f"\nsweep {name} ({len(seeds)} seeds per case; P2P)")
+        print(f"{name:>24}  {'case':<18}  {'structure_iou':>13}  {'edit_success':>12}  {'background_psnr':>15}")
         for value in values:
-            rows = [run(pool, case, seeds, replace(base, **{name: value}), baseline=False) for case in cases]
-            values_of = lambda metric: mean([v for row in rows for v in row["p2p"][metric]])  # noqa: E731
-            print(f"{value!s:>24}  {fmt(values_of('structure_iou')):>13}  {fmt(values_of('edit_success')):>12}  {fmt(values_of('background_psnr'), 1):>15}", flush=True)
+            rows = {case: run(pool, case, seeds, replace(base, **{name: value}), baseline=False) for case in cases}
+            if len(cases) > 1:
+                rows["mean"] = {"p2p": {m: [v for row in rows.values() for v in row["p2p"][m]] for m in METRICS}}
+            for i, (case, row) in enumerate(rows.items()):
+                scores = row["p2p"]
+                print(f"{str(value) if i == 0 else '':>24}  {case:<18}  {fmt(mean(scores['structure_iou'])):>13}  "
+                      f"{fmt(mean(scores['edit_success'])):>12}  {fmt(mean(scores['background_psnr']), 1):>15}", flush=True)
 
 
 def main() -> None:
