@@ -20,10 +20,14 @@ MMDiT-X's second attention; Flux.1: its 19 double and 38 single blocks scaled by
 so the CPU default is a shallow, narrow model with the real head size, token counts and attention
 layout. The text encoder is the tests' tiny one (for the DiTs, the one of tests/tiny_dit_models.py,
 whose T5 gives SD3.5's conditioning its real 4096 columns): its width only sizes the key/value
-projections of the text, which cost nothing here. Each model runs in a fresh subprocess; timed runs
-of the three modes are interleaved and the fastest reported. Peak memory is the CUDA allocator's peak
-on a GPU; on a CPU it is the highest resident memory during a run above the level before it, with
-glibc told to hand freed memory straight back (so it follows live tensors; expect a few MiB of noise).
+projections of the text, which cost nothing here. Each model runs in two fresh subprocesses: one
+times the three modes, one measures their peak memory (runs interleaved, the lowest reported).
+Peak memory is the CUDA allocator's peak on a GPU; on a CPU it is the highest resident memory during a
+run above the level before it, in a process whose glibc hands freed memory straight back (so that it
+follows live tensors; expect a few MiB of noise). Times are never taken in that process: there every
+allocation above 64 KiB is a fresh mapping whose pages fault in on first touch, which slows each mode
+by its number of allocations, not as a user's ComfyUI runs (it made P2P's time ratio on Flux x1.14
+against x1.06 under glibc's defaults).
 """
 from __future__ import annotations
 
@@ -93,10 +97,10 @@ def unet_config(name: str, width: int) -> object:
     return {"sd15": comfy.supported_models.SD15, "sdxl": comfy.supported_models.SDXL}[name](unet)
 
 
-def run_model(model_name: str, width: int, steps: int, repeats: int) -> dict:
-    """Build the model once, then for every mode: a warm-up run, then one run for peak memory; then
-    ``repeats`` rounds of one timed run per mode, interleaved so that a slow spell of the machine hits
-    every mode."""
+def run_model(model_name: str, width: int, steps: int, repeats: int, measure: str) -> dict:
+    """Build the model once, then for every mode a warm-up run; then ``repeats`` rounds of one run
+    per mode measuring ``measure`` ("time" or "memory", its peak), interleaved so that a slow spell
+    of the machine hits every mode."""
     import torch
 
     import comfy_host
@@ -159,25 +163,29 @@ def run_model(model_name: str, width: int, steps: int, repeats: int) -> dict:
     comfy.model_management.load_models_gpu([model])
     for mode in MODES:  # warm-up: one-off allocations of a first run (kernels, caches) count for no mode
         sample(mode)
-    results = {mode: {"times": []} for mode in MODES}
-    for mode in MODES:
+    def peak_bytes(mode: str) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             sample(mode)
-            results[mode]["peak_bytes"] = torch.cuda.max_memory_allocated() - before
-        else:
-            before = _rss_bytes()
-            with _RssPeak() as watch:
-                sample(mode)
-            results[mode]["peak_bytes"] = watch.peak - before
+            return torch.cuda.max_memory_allocated() - before
+        before = _rss_bytes()
+        with _RssPeak() as watch:
+            sample(mode)
+        return watch.peak - before
+
+    def seconds(mode: str) -> float:
+        started = time.perf_counter()
+        sample(mode)
+        return time.perf_counter() - started
+
+    measured = {mode: [] for mode in MODES}
     for _ in range(repeats):
         for mode in MODES:
-            started = time.perf_counter()
-            sample(mode)
-            results[mode]["times"].append(time.perf_counter() - started)
-    # The fastest run: the least disturbed by whatever else the machine was doing.
-    return {mode: {"seconds": min(r["times"]), "peak_bytes": r["peak_bytes"]} for mode, r in results.items()}
+            measured[mode].append(peak_bytes(mode) if measure == "memory" else seconds(mode))
+    # The lowest of each: the least disturbed by whatever else the machine (or, for resident memory,
+    # the allocator) was doing.
+    return {mode: min(values) for mode, values in measured.items()}
 
 
 def _rss_bytes() -> int:
@@ -212,6 +220,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default 2 on CPU, 20 on GPU")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
@@ -224,25 +233,30 @@ def main() -> None:
         return args.width or (full if gpu else cpu)
 
     if args.one:
-        print(json.dumps(run_model(args.one, width_of(args.one), steps, args.repeats)))
+        print(json.dumps(run_model(args.one, width_of(args.one), steps, args.repeats, args.measure)))
         return
-    print(f"device: {'cuda' if gpu else 'cpu'}, {steps} euler steps, batch of 2 images, fastest of {args.repeats}")
-    # Freed memory goes straight back to the system, so that resident memory follows live tensors.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    print(f"device: {'cuda' if gpu else 'cpu'}, {steps} euler steps, batch of 2 images, lowest of {args.repeats} runs")
+    environments = {
+        "time": os.environ,
+        # Freed memory goes straight back to the system, so that resident memory follows live tensors.
+        "memory": dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0"),
+    }
     for name in args.model:
         width = width_of(name)
-        command = [sys.executable, __file__, "--one", name, "--width", str(width), "--steps", str(steps), "--repeats", str(args.repeats)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
-        results = json.loads(output.strip().splitlines()[-1])
-        plain = results["plain"]
+        measured = {}
+        for measure, env in environments.items():
+            command = [sys.executable, __file__, "--one", name, "--width", str(width), "--steps", str(steps),
+                       "--repeats", str(args.repeats), "--measure", measure]
+            output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+            measured[measure] = json.loads(output.strip().splitlines()[-1])
+        seconds, peak = measured["time"], measured["memory"]
         size, layout = LAYOUTS[name]["size"], LAYOUTS[name]
-        print(f"{name} {size}x{size}, width {width}, cfg {layout.get('cfg', UNET_CFG)}: plain {plain['seconds']:.2f}s, "
-              f"peak {plain['peak_bytes'] / 2**20:.0f} MiB")
+        print(f"{name} {size}x{size}, width {width}, cfg {layout.get('cfg', UNET_CFG)}: plain {seconds['plain']:.2f}s, "
+              f"peak {peak['plain'] / 2**20:.0f} MiB")
         for mode in MODES[1:]:
-            edit = results[mode]
             print(
-                f"  {mode:10s} {edit['seconds']:.2f}s, peak {edit['peak_bytes'] / 2**20:.0f} MiB | "
-                f"time x{edit['seconds'] / plain['seconds']:.3f}, peak memory x{edit['peak_bytes'] / plain['peak_bytes']:.3f}"
+                f"  {mode:10s} {seconds[mode]:.2f}s, peak {peak[mode] / 2**20:.0f} MiB | "
+                f"time x{seconds[mode] / seconds['plain']:.3f}, peak memory x{peak[mode] / peak['plain']:.3f}"
             )
 
 

@@ -89,10 +89,11 @@ class P2PController:
                     {"tooltip": "A batch-1 latent: Empty Latent Image, or an encoded / inverted image."},
                 ),
                 "cross_replace_steps": fraction_input(
-                    0.8,
+                    0.6,
                     "Fraction of the schedule (from the start, as ComfyUI's start/end percent) during which "
                     "the edits take the source's cross-attention maps. Higher keeps more of the source; "
-                    "the paper uses 0.8.",
+                    "lower lets refined words act earlier (the paper uses 0.8). Reweighted words are edited "
+                    "over the whole schedule unless cross_replace_words gives them a window.",
                 ),
                 "self_replace_steps": fraction_input(
                     0.4,

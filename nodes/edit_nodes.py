@@ -92,8 +92,8 @@ class P2PReweight:
     DESCRIPTION = (
         "Prompt-to-Prompt Reweight: scale the attention to chosen words up (more of it), down, to 0 "
         "(remove it) or below 0. With a P2P_EDIT plugged in it reweights that edit's newest target "
-        "(on top of a swap or refine); alone it edits an image of 'prompt' itself. Acts inside the "
-        "controller's cross_replace_steps window, as in the paper."
+        "(on top of a swap or refine); alone it edits an image of 'prompt' itself. Acts over the whole "
+        "schedule, or inside the word's window where the controller's cross_replace_words gives one."
     )
     CATEGORY = "P2P"
     RETURN_TYPES = ("P2P_EDIT",)

@@ -112,10 +112,12 @@ def build_plan(
             token_map = word_swap_map(source, tokens, node=target_edit.node)
         scale = torch.ones(len(tokens))
         cross_until = torch.full((len(tokens),), float(cross_replace_steps))
+        own_window = torch.zeros(len(tokens), dtype=torch.bool)
         for word, fraction in cross_replace_words:
             positions = tokens.find(word)
             found_words[word] |= bool(positions)
             cross_until[positions] = float(fraction)
+            own_window[positions] = True
         for reweight in target_edit.reweights:
             positions = tokens.find(reweight.word)
             if not positions:
@@ -125,13 +127,20 @@ def build_plan(
                     f"{reweight.word!r} is not a word of the prompt {tokens.text!r}.",
                     "name words as they are typed in the prompt (case and surrounding punctuation do not matter).",
                 )
+            # A reweight acts inside its word's window, so a reweighted word is edited over the whole
+            # schedule unless cross_replace_words gives it a window: after the window the word's own
+            # attention comes back unscaled, and on the world model a reweight inside the common
+            # window alone cleared the pattern on 5% of the seeds at 0.6 and 45% at 0.8, against 90%
+            # over the whole schedule (README, "Defaults").
+            whole = torch.tensor(positions)[~own_window[positions]]
+            cross_until[whole] = 1.0
             if float(cross_until[positions].max()) <= 0:
                 raise P2PError(
                     CONTROLLER,
-                    "cross_replace_steps",
-                    f"it is 0 for {reweight.word!r}, and a reweight acts only inside the cross-attention replace window, "
+                    "cross_replace_words",
+                    f"it gives {reweight.word!r} a window of 0, and a reweight acts only inside its word's window, "
                     "so the reweight would do nothing.",
-                    "raise cross_replace_steps (the paper uses 0.8).",
+                    "give the word a window above 0, or leave it out (a reweighted word is edited over the whole schedule).",
                 )
             scale[positions] = scale[positions] * reweight.scale
         targets.append(TargetPlan(tokens, token_map, scale, cross_until))

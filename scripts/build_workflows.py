@@ -181,7 +181,7 @@ def controller(model: tuple[int, int], edit_out: int, latent: tuple[int, int]) -
         "id": 11,
         "type": "P2PController",
         "size": (340, 200),
-        "widgets": {"cross_replace_steps": 0.8, "self_replace_steps": 0.4},
+        "widgets": {"cross_replace_steps": 0.6, "self_replace_steps": 0.4},
         "in": {"model": model, "clip": (1, 1), "p2p_edit": (edit_out, 0), "latent": latent},
     }
 

@@ -146,8 +146,8 @@ def test_controller_rejects_bad_input(host, load_tiny):
         controller.apply(model, clip, edit, latent, 0.8, 0.4, "zebra: 0.3")
     with pytest.raises(P2PError, match=r"cross_replace_words\].*outside 0..1"):
         controller.apply(model, clip, edit, latent, 0.8, 0.4, "dog: 3")
-    with pytest.raises(P2PError, match=r"\[P2P Controller › cross_replace_steps\].*would do nothing"):
-        controller.apply(model, clip, reweight(host, "cat", 2.0, prompt=PROMPT), latent, 0.0, 0.4)
+    with pytest.raises(P2PError, match=r"\[P2P Controller › cross_replace_words\] it gives 'cat' a window of 0.*would do nothing"):
+        controller.apply(model, clip, reweight(host, "cat", 2.0, prompt=PROMPT), latent, 0.8, 0.4, "cat: 0")
 
 
 def test_sampling_a_different_batch_is_reported(host, load_tiny):

@@ -1,7 +1,8 @@
 """A floor under Prompt-to-Prompt's edit quality on the tiny world model, in CI.
 
-A few seeds of three of the edit-quality benchmark's cases (on the SD1.x world, a colour swap and a
-local blend, with prompts that leave the layout to the seed; on the Flux world, a shape swap)
+A few seeds of five of the edit-quality benchmark's cases (on the SD1.x world, a colour swap, a local
+blend, a background refine and a reweight, with prompts that leave the layout to the seed; on the
+Flux world, a shape swap)
 (``benchmarks/bench_edit_quality.py``, scenes and scores in ``world_edits``), through the pack's
 nodes and the stock ones. Each floor sits below what the benchmark measured over 50 seeds (README,
 "Edit quality"), by a margin that leaves room for the few seeds' spread, so that a change which
@@ -19,11 +20,15 @@ import world_edits
 SEEDS = range(6)
 # (family, case): (P2P structure IoU at least, P2P edit success at least); P2P's structure must also
 # beat plain regeneration's by STRUCTURE_MARGIN, and its background PSNR plain's by BACKGROUND_MARGIN.
-# Benchmark means (50 seeds): see the README tables. With the P2P windows at 0, each SD1.x case
-# scores plain's structure on these seeds (0.46, and 0.40 with the blend), and fails.
+# Benchmark means (50 seeds): see the README tables. With the P2P windows at 0, the swap and the
+# blend score plain's structure on these seeds (0.46, and 0.40 with the blend), and fail; at the
+# paper's cross window of 0.8 the refine's success is 0.17 here, and fails; a reweight that stops
+# acting scores no success.
 FLOORS = {
-    ("sd15", "colour swap"): (0.60, 0.80),  # 0.77 / 1.00 over 50 seeds (0.83 / 1.00 on these, plain 0.46)
-    ("sd15", "local blend"): (0.60, 0.80),  # 0.74 / 0.94 over 50 seeds (0.82 / 1.00 on these, plain 0.40)
+    ("sd15", "colour swap"): (0.60, 0.80),  # 0.74 / 1.00 over 50 seeds (0.71 / 1.00 on these, plain 0.46)
+    ("sd15", "local blend"): (0.60, 0.80),  # 0.72 / 0.92 over 50 seeds (0.80 / 1.00 on these, plain 0.40)
+    ("sd15", "background refine"): (0.70, 0.80),  # 0.87 / 0.98 over 50 seeds (0.89 / 1.00 on these, plain 0.43)
+    ("sd15", "reweight"): (0.65, 0.65),  # 0.81 / 0.86 over 50 seeds (0.81 / 0.83 on these, plain 0.55)
     ("flux", "shape swap"): (0.60, 0.15),  # the DiT path's layout replacement (0.82 / 0.40 over 50 seeds)
 }
 BACKGROUND_MARGIN = 0.5  # dB
@@ -43,13 +48,17 @@ def test_p2p_keeps_the_layout_that_plain_regeneration_loses(host, family, case):
     p2p_structure = np.mean([r.p2p.structure_iou for r in valid])
     plain_structure = np.mean([r.plain.structure_iou for r in valid])
     p2p_success = np.mean([r.p2p.edit_success for r in valid])
-    p2p_background = np.mean([r.p2p.background_psnr for r in valid])
-    plain_background = np.mean([r.plain.background_psnr for r in valid])
     figures = (f"{case} on {len(valid)} seeds: structure p2p {p2p_structure:.2f} plain {plain_structure:.2f}, "
-               f"edit success p2p {p2p_success:.2f}, background p2p {p2p_background:.1f} dB plain {plain_background:.1f} dB")
+               f"edit success p2p {p2p_success:.2f}")
+    edits_background = valid[0].p2p.background_psnr is None  # a refine or reweight of the background: no background to keep
+    if not edits_background:
+        p2p_background = np.mean([r.p2p.background_psnr for r in valid])
+        plain_background = np.mean([r.plain.background_psnr for r in valid])
+        figures += f", background p2p {p2p_background:.1f} dB plain {plain_background:.1f} dB"
     print(figures)
     min_structure, min_success = FLOORS[family, case]
     assert p2p_structure >= min_structure, figures
     assert p2p_structure >= plain_structure + STRUCTURE_MARGIN, figures
-    assert p2p_background >= plain_background + BACKGROUND_MARGIN, figures
+    if not edits_background:
+        assert p2p_background >= plain_background + BACKGROUND_MARGIN, figures
     assert p2p_success >= min_success, figures

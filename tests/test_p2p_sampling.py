@@ -118,6 +118,20 @@ def test_per_word_cross_replace_steps(host, load_tiny):
     assert by_text["bicycle"] == {1.0} and by_text["riding"] == {0.8}
 
 
+def test_a_reweighted_word_is_edited_over_the_whole_schedule_unless_given_a_window(host, load_tiny):
+    model, clip, _ = load_tiny("sd15")
+    edit = reweight(host, "cat, bicycle", 3.0, prompt=PROMPT)
+    windows = lambda words: controller_of(host, p2p(host, model, clip, edit, cross=0.0, self_=0.0, words=words)[0]).plan.targets[0].cross_until  # noqa: E731
+    words = [t.text for t in controller_of(host, p2p(host, model, clip, edit)[0]).plan.source.tokens]
+    cat, bicycle, riding = (words.index(w) for w in ("cat", "bicycle", "riding"))
+    assert windows("")[[cat, bicycle, riding]].tolist() == [1.0, 1.0, 0.0]
+    assert windows("bicycle: 0.3")[[cat, bicycle, riding]].tolist() == pytest.approx([1.0, 0.3, 0.0])
+    # At cross_replace_steps 0 the reweight still acts (over the whole schedule): the image changes.
+    patched, positive, latent = p2p(host, model, clip, edit, cross=0.0, self_=0.0)
+    out = sample(host, patched, clip, positive, latent)
+    assert not torch.allclose(out[1], out[0], atol=1e-3)
+
+
 @pytest.mark.parametrize("sampler", DETERMINISTIC)
 def test_deterministic_samplers_keep_the_identity(host, load_tiny, sampler):
     model, clip, _ = load_tiny("sd15")

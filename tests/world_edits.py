@@ -34,7 +34,7 @@ class Settings:
     cfg: float = 5.0
     sampler: str = "ddim"
     scheduler: str = "ddim_uniform"
-    cross_replace_steps: float = 0.8
+    cross_replace_steps: float = 0.6  # the controller's default
     self_replace_steps: float = 0.4
     self_replace_resolution: str = "1/2 and coarser"  # the controller's default
     threshold: float = 0.3
