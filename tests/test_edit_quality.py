@@ -29,7 +29,7 @@ FLOORS = {
     ("sd15", "local blend"): (0.60, 0.80),  # 0.72 / 0.92 over 50 seeds (0.80 / 1.00 on these, plain 0.40)
     ("sd15", "background refine"): (0.70, 0.80),  # 0.87 / 0.98 over 50 seeds (0.89 / 1.00 on these, plain 0.43)
     ("sd15", "reweight"): (0.65, 0.65),  # 0.81 / 0.86 over 50 seeds (0.81 / 0.83 on these, plain 0.55)
-    ("flux", "shape swap"): (0.60, 0.15),  # the DiT path's layout replacement (0.82 / 0.40 over 50 seeds)
+    ("flux", "shape swap"): (0.60, 0.15),  # the DiT path's layout replacement (0.83 / 0.29 over 50 seeds)
 }
 BACKGROUND_MARGIN = 0.5  # dB
 STRUCTURE_MARGIN = 0.10
