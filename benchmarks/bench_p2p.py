@@ -163,6 +163,7 @@ def run_model(model_name: str, width: int, steps: int, repeats: int, measure: st
     comfy.model_management.load_models_gpu([model])
     for mode in MODES:  # warm-up: one-off allocations of a first run (kernels, caches) count for no mode
         sample(mode)
+
     def peak_bytes(mode: str) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -176,12 +176,11 @@ def edit_graph(
 
 
 def controller(model: tuple[int, int], edit_out: int, latent: tuple[int, int]) -> dict:
-    """P2P Controller (node 11) at its defaults, on the checkpoint's CLIP."""
+    """P2P Controller (node 11) at its defaults (``build`` takes them from the node), on the checkpoint's CLIP."""
     return {
         "id": 11,
         "type": "P2PController",
         "size": (340, 200),
-        "widgets": {"cross_replace_steps": 0.6, "self_replace_steps": 0.4},
         "in": {"model": model, "clip": (1, 1), "p2p_edit": (edit_out, 0), "latent": latent},
     }
 

@@ -62,3 +62,12 @@ def test_p2p_keeps_the_layout_that_plain_regeneration_loses(host, family, case):
     if not edits_background:
         assert p2p_background >= plain_background + BACKGROUND_MARGIN, figures
     assert p2p_success >= min_success, figures
+
+
+def test_the_benchmark_runs_the_controllers_defaults(host):
+    """The floors above, and the README's tables, are of the P2P Controller as a user adds it."""
+    required, optional = (host.pack.NODE_CLASS_MAPPINGS["P2PController"].INPUT_TYPES()[k] for k in ("required", "optional"))
+    settings = world_edits.Settings()
+    assert settings.cross_replace_steps == required["cross_replace_steps"][1]["default"]
+    assert settings.self_replace_steps == required["self_replace_steps"][1]["default"]
+    assert settings.self_replace_resolution == optional["self_replace_resolution"][1]["default"]

@@ -121,11 +121,12 @@ def test_per_word_cross_replace_steps(host, load_tiny):
 def test_a_reweighted_word_is_edited_over_the_whole_schedule_unless_given_a_window(host, load_tiny):
     model, clip, _ = load_tiny("sd15")
     edit = reweight(host, "cat, bicycle", 3.0, prompt=PROMPT)
-    windows = lambda words: controller_of(host, p2p(host, model, clip, edit, cross=0.0, self_=0.0, words=words)[0]).plan.targets[0].cross_until  # noqa: E731
-    words = [t.text for t in controller_of(host, p2p(host, model, clip, edit)[0]).plan.source.tokens]
+    target = lambda words: controller_of(host, p2p(host, model, clip, edit, cross=0.0, self_=0.0, words=words)[0]).plan.targets[0]  # noqa: E731
+    default = target("")
+    words = [t.text for t in default.tokens.tokens]
     cat, bicycle, riding = (words.index(w) for w in ("cat", "bicycle", "riding"))
-    assert windows("")[[cat, bicycle, riding]].tolist() == [1.0, 1.0, 0.0]
-    assert windows("bicycle: 0.3")[[cat, bicycle, riding]].tolist() == pytest.approx([1.0, 0.3, 0.0])
+    assert default.cross_until[[cat, bicycle, riding]].tolist() == [1.0, 1.0, 0.0]
+    assert target("bicycle: 0.3").cross_until[[cat, bicycle, riding]].tolist() == pytest.approx([1.0, 0.3, 0.0])
     # At cross_replace_steps 0 the reweight still acts (over the whole schedule): the image changes.
     patched, positive, latent = p2p(host, model, clip, edit, cross=0.0, self_=0.0)
     out = sample(host, patched, clip, positive, latent)
