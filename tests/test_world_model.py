@@ -5,6 +5,8 @@ The floor on P2P's edit quality with this model is ``test_edit_quality.py``.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +114,28 @@ def test_the_scorer_sees_a_wrong_colour_shape_and_background():
     other = world_scenes.Scene((world_scenes.make_object("square", "blue", "large", (0, 0)),), "pink", "dotted")
     picture = world_scenes.render(other)[0]
     assert world_scenes.caption_following(picture, scene) == {"colour": 0.0, "shape": 0.0, "place": 0.0, "background": 0.0, "pattern": 0.0}
+
+
+def test_training_keeps_the_caption_out_of_the_padding_of_the_free_rows_only(host):
+    """``scripts/train_world.py``: the rows ``content_free_share`` frees see the empty caption's
+    states from their first end token on (and only those are taught to give them); the others keep
+    their own, which carry the caption, as a model from scratch first learns the world from."""
+    if host.version != "current":
+        pytest.skip("the training script runs on the late-2025 host (Parts.encode_tokens is its SDClipModel's)")
+    sys.path.insert(0, str(world_model.REPO / "scripts"))
+    import train_world
+
+    assert [train_world.content_free_share(step, 100, (0.25, 0.65)) for step in (0, 25, 45, 65, 99)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert train_world.content_free_share(0, 100, (0.0, 0.0)) == 1.0  # going on from a checkpoint: all, from the first step
+    parts = world_model.FAMILIES["sd15"].build()
+    caption = "a small red circle at the top left on a striped gray background"
+    tokens, empty = torch.tensor([parts.token_ids(caption)] * 2), torch.tensor(parts.token_ids(""))
+    with torch.no_grad():
+        cond, loss = train_world.content_free_padding(parts, tokens, empty, torch.tensor([True, False]))
+        own, empty_states = parts.encode_tokens(torch.cat([tokens, empty[None]]))["l"][0].split([2, 1])
+    tail = slice(parts.token_ids(caption).index(parts.encoder("l").special_tokens["end"]), None)
+    seen = cond["l"][0]
+    assert torch.equal(seen[0, tail], empty_states[0, tail]) and torch.equal(seen[1], own[1])
+    assert torch.equal(seen[0, : tail.start], own[0, : tail.start])
+    assert not torch.allclose(own[1, tail], empty_states[0, tail])  # so the first row's tail did change
+    assert loss > 0
