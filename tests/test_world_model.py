@@ -5,8 +5,6 @@ The floor on P2P's edit quality with this model is ``test_edit_quality.py``.
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -116,13 +114,13 @@ def test_the_scorer_sees_a_wrong_colour_shape_and_background():
     assert world_scenes.caption_following(picture, scene) == {"colour": 0.0, "shape": 0.0, "place": 0.0, "background": 0.0, "pattern": 0.0}
 
 
-def test_training_keeps_the_caption_out_of_the_padding_of_the_free_rows_only(host):
+def test_training_keeps_the_caption_out_of_the_padding_of_the_free_rows_only(host, monkeypatch):
     """``scripts/train_world.py``: the rows ``content_free_share`` frees see the empty caption's
     states from their first end token on (and only those are taught to give them); the others keep
     their own, which carry the caption, as a model from scratch first learns the world from."""
     if host.version != "current":
         pytest.skip("the training script runs on the late-2025 host (Parts.encode_tokens is its SDClipModel's)")
-    sys.path.insert(0, str(world_model.REPO / "scripts"))
+    monkeypatch.syspath_prepend(str(world_model.REPO / "scripts"))
     import train_world
 
     assert [train_world.content_free_share(step, 100, (0.25, 0.65)) for step in (0, 25, 45, 65, 99)] == [0.0, 0.0, 0.5, 1.0, 1.0]
