@@ -1,7 +1,7 @@
 """Train the tiny world model (tests/world_model.py) on the synthetic world (tests/world_scenes.py).
 
     .venv/bin/python scripts/train_world.py --images 8000 --vae-steps 400 --steps 40000 --batch 16 --lr 5e-4 --minutes 45 --out w.safetensors
-        # from scratch in 54 minutes on 2 CPU cores: colours, backgrounds and patterns; shapes half the time, places rarely (README)
+        # from scratch in 54 minutes on 2 CPU cores: colours, backgrounds and patterns; places 2 times in 3, shapes less than half the time (README)
     python scripts/train_world.py --family flux --device cuda --images 100000 --workers 4 --vae-steps 3000 --vae-batch 64 --steps 40000 --batch 512 --lr 5e-4 --minutes 5.3
     .venv/bin/python scripts/train_world.py --out /tmp/w.safetensors --images 64 --vae-steps 5 --steps 5   # a smoke run
     .venv/bin/python scripts/train_world.py --init tests/data/world_sd15.safetensors --minutes 40   # go on from a checkpoint
@@ -13,8 +13,10 @@ denoiser with its text encoder, trained jointly (the family's loss: v prediction
 for ``sd15``, flow matching for ``flux``; 10% of the captions dropped for classifier-free guidance;
 the caption kept out of the end and padding tokens, so that it reaches the denoiser through its
 words, as Prompt-to-Prompt edits them (``content_free_padding``; from scratch, after the model has
-learnt the world with it there: ``content_free_share``); an EMA of the weights is what gets
-saved). The state is saved every minute; stopping the denoiser (Ctrl-C, or ``--minutes`` running
+learnt the world with it there: ``content_free_share``); from scratch, every caption naming its
+places for the first half of the steps (``training_tokens``) and half the noise levels drawn from
+the top of the schedule (``world_model._noised``), where the layout is decided; an EMA of the
+weights is what gets saved). The state is saved every minute; stopping the denoiser (Ctrl-C, or ``--minutes`` running
 out) saves it and writes the checkpoint of the steps so far, and running the same command again
 goes on from there. Everything is drawn from ``--seed`` (on the CPU, so a GPU run draws the same
 batches and noise). The result is one checkpoint that the stock
@@ -61,9 +63,10 @@ def render_picture(scene: world_scenes.Scene) -> np.ndarray:
     return world_scenes.render(scene)[0]
 
 
-def render_dataset(count: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
+def render_dataset(count: int, seed: int, workers: int) -> tuple[np.ndarray, list[str], list[str]]:
     """``count`` scenes drawn in order from ``seed`` (so the dataset does not depend on ``workers``),
-    rendered by ``workers`` processes, and their captions (PLACELESS_SHARE of them without places)."""
+    rendered by ``workers`` processes, and two captions of each: as users write them (PLACELESS_SHARE
+    of them without places), and naming everything, places included (``training_tokens``)."""
     rng = np.random.default_rng(seed)
     scenes = [world_scenes.sample_scene(rng) for _ in range(count)]
     with_places = rng.random(count) >= PLACELESS_SHARE
@@ -72,7 +75,8 @@ def render_dataset(count: int, seed: int, workers: int) -> tuple[np.ndarray, lis
             pictures = list(pool.map(render_picture, scenes, chunksize=256))
     else:
         pictures = [render_picture(s) for s in tqdm(scenes, desc="render", dynamic_ncols=True)]
-    return np.stack(pictures), [world_scenes.caption(s, bool(p)) for s, p in zip(scenes, with_places)]
+    captions = [world_scenes.caption(s, bool(p)) for s, p in zip(scenes, with_places)]
+    return np.stack(pictures), captions, [world_scenes.caption(s) for s in scenes]
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -195,31 +199,40 @@ def start_from(parts, family, path: Path) -> None:
                 tensor.copy_(saved[name])
 
 
-def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State, args: argparse.Namespace) -> dict:
-    """Latents of every picture (by the trained encoder, divided by their std) and caption tokens."""
+def encode_dataset(parts, images: np.ndarray, captions: list[str], named: list[str], state: State, args: argparse.Namespace) -> dict:
+    """Latents of every picture (by the trained encoder, divided by their std; kept in the state) and
+    the tokens of both its captions (``render_dataset``: ``tokens``, ``named_tokens``)."""
     saved = state.load("dataset")
-    if saved is not None and saved["captions"] == captions:  # not a dataset of an older world
-        return saved
-    with torch.no_grad():
-        if args.vae_steps == 0 and args.init is None:  # the untouched block-average start: its latents are block means
-            latents = block_average_latents(images, parts.vae.taesd_encoder[-1].out_channels)
-            exact = parts.vae.taesd_encoder(to_tensor(images[:16]).to(args.device)).cpu()
-            torch.testing.assert_close(latents[:16], exact, atol=1e-4, rtol=1e-4)
-        else:
-            encoder = parts.vae.taesd_encoder.to(args.device)
-            latents = torch.cat([encoder(to_tensor(images[i:i + 256]).to(args.device)).cpu()
-                                 for i in tqdm(range(0, len(images), 256), desc="encode", dynamic_ncols=True)])
-    std = float(latents.std())
-    dataset = {
-        "count": len(images),
-        "latents": (latents / std).to(torch.float16),
-        "latent_std": std,
+    if saved is None or saved["captions"] != captions:  # none yet, or one of an older world
+        with torch.no_grad():
+            if args.vae_steps == 0 and args.init is None:  # the untouched block-average start: its latents are block means
+                latents = block_average_latents(images, parts.vae.taesd_encoder[-1].out_channels)
+                exact = parts.vae.taesd_encoder(to_tensor(images[:16]).to(args.device)).cpu()
+                torch.testing.assert_close(latents[:16], exact, atol=1e-4, rtol=1e-4)
+            else:
+                encoder = parts.vae.taesd_encoder.to(args.device)
+                latents = torch.cat([encoder(to_tensor(images[i:i + 256]).to(args.device)).cpu()
+                                     for i in tqdm(range(0, len(images), 256), desc="encode", dynamic_ncols=True)])
+        std = float(latents.std())
+        saved = {"latents": (latents / std).to(torch.float16), "latent_std": std, "captions": captions}
+        state.save("dataset", saved)
+    return {
+        "latents": saved["latents"],
+        "latent_std": saved["latent_std"],
         "tokens": torch.tensor([parts.token_ids(c) for c in captions]),
+        "named_tokens": torch.tensor([parts.token_ids(c) for c in named]),
         "empty": torch.tensor(parts.token_ids("")),
-        "captions": captions,
     }
-    state.save("dataset", dataset)
-    return dataset
+
+
+def training_tokens(dataset: dict, step: int, planned: int, places_named: float) -> torch.Tensor:
+    """The captions a step trains on: for the first ``places_named`` of the planned steps, each
+    naming its objects' places (``--places-named``), then as users write them.
+
+    From scratch, a model that may leave places to the seed does: with half of its captions placeless
+    from the first step, an hour's training put objects where the starting noise led them, whatever
+    place its caption named (README, the hour)."""
+    return dataset["named_tokens"] if step < places_named * planned else dataset["tokens"]
 
 
 def keep_saved_tensors(tensor: torch.Tensor) -> torch.Tensor:
@@ -294,9 +307,9 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
         optimizer.load_state_dict(saved["optimizer"])
         step, planned = saved["step"], saved.get("planned", args.steps)
     latents = dataset["latents"].to(args.device)
-    tokens, empty = dataset["tokens"], dataset["empty"]  # on the CPU: the text encoder reads their lengths there
+    empty = dataset["empty"]  # the tokens stay on the CPU: the text encoder reads their lengths there
     with torch.no_grad():
-        parts.check_encode_tokens(tokens[:4])
+        parts.check_encode_tokens(dataset["tokens"][:4])
     skipped = 0
     deadline = time.monotonic() + 60 * args.minutes
     last_save = time.monotonic()
@@ -307,7 +320,7 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
         while step < planned:
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             picks = torch.randint(0, len(latents), (args.batch,), generator=generator)
-            batch_tokens = tokens[picks].clone()
+            batch_tokens = training_tokens(dataset, step, planned, args.places_named)[picks].clone()
             batch_tokens[torch.rand(args.batch, generator=generator) < CAPTION_DROPOUT] = empty
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, planned, args.lr, 200)
@@ -316,7 +329,7 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
                 share = content_free_share(step, planned, args.content_free_ramp)
                 free = torch.rand(args.batch, generator=generator) < share
                 cond, padding_loss = content_free_padding(parts, batch_tokens, empty, free)
-                loss = family.loss(parts, latents[picks.to(args.device)].float(), cond, generator)
+                loss = family.loss(parts, latents[picks.to(args.device)].float(), cond, generator, args.high_noise_share)
             (loss + PADDING_WEIGHT * padding_loss).backward()
             if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):
                 optimizer.step()
@@ -395,6 +408,12 @@ def main() -> None:
     parser.add_argument("--content-free-ramp", type=float, nargs=2, metavar=("START", "END"),
                         help="fractions of the steps between which the share of captions read from their words only "
                              "rises from 0 to 1 (default: 0.25 0.65 from scratch; with --init, all from the first step)")
+    parser.add_argument("--places-named", type=float, metavar="FRACTION",
+                        help="fraction of the steps (from the first) during which every caption names its objects' places; "
+                             "after it, PLACELESS_SHARE of them leave them out (default: 0.5 from scratch; with --init, 0)")
+    parser.add_argument("--high-noise-share", type=float, metavar="SHARE",
+                        help="share of the rows whose noise level is drawn from the top 40%% of the schedule, where the "
+                             "caption decides the layout; the others uniformly (default: 0.5 from scratch; with --init, 0)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="processes that render the dataset")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train (a GPU when there is one)")
@@ -402,6 +421,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.content_free_ramp is None:
         args.content_free_ramp = (0.0, 0.0) if args.init else (0.25, 0.65)
+    if args.places_named is None:
+        args.places_named = 0.0 if args.init else 0.5
+    if args.high_noise_share is None:
+        args.high_noise_share = 0.0 if args.init else 0.5
 
     torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # a GPU's fast float32 matmuls
@@ -412,12 +435,12 @@ def main() -> None:
     family = world_model.FAMILIES[args.family]
     parts = family.build()
     state = State(args.state / (f"{args.family}-seed{args.seed}" + (f"-from-{args.init.stem}" if args.init else "")))
-    images, captions = render_dataset(args.images, args.seed, args.workers)
+    images, captions, named = render_dataset(args.images, args.seed, args.workers)
     if args.init is None:
         train_vae(parts, images, state, args)
     else:
         start_from(parts, family, args.init)
-    dataset = encode_dataset(parts, images, captions, state, args)
+    dataset = encode_dataset(parts, images, captions, named, state, args)
     del images
     ema = train_denoiser(parts, family, dataset, state, args)
     write_checkpoint(parts, family, {n: m.cpu() for n, m in ema.items()}, dataset["latent_std"], args.out or family.checkpoint)

@@ -137,3 +137,37 @@ def test_training_keeps_the_caption_out_of_the_padding_of_the_free_rows_only(hos
     assert torch.equal(seen[0, : tail.start], own[0, : tail.start])
     assert not torch.allclose(own[1, tail], empty_states[0, tail])  # so the first row's tail did change
     assert loss > 0
+
+
+def test_training_names_every_place_first_then_trains_on_captions_as_users_write_them(host, monkeypatch):
+    """``scripts/train_world.py``: each picture has two captions, as users write them (about half
+    without places) and naming its places; a step trains on the second for the first
+    ``--places-named`` of the planned steps, on the first after it."""
+    monkeypatch.syspath_prepend(str(world_model.REPO / "scripts"))
+    import train_world
+
+    pictures, captions, named = train_world.render_dataset(40, seed=0, workers=1)
+    assert len(pictures) == len(captions) == len(named) == 40
+    places = world_scenes.PLACES.values()
+    assert all(any(p in c for p in places) for c in named)
+    placeless = [c for c in captions if not any(p in c for p in places)]
+    assert 10 <= len(placeless) <= 30
+    assert all(c == n for c, n in zip(captions, named) if c not in placeless)
+    dataset = {"tokens": torch.zeros(1), "named_tokens": torch.ones(1)}
+    assert [float(train_world.training_tokens(dataset, step, 100, 0.5)) for step in (0, 49, 50, 99)] == [1.0, 1.0, 0.0, 0.0]
+    assert float(train_world.training_tokens(dataset, 0, 100, 0.0)) == 0.0  # going on from a checkpoint: as users write
+
+
+def test_training_draws_the_high_noise_share_of_the_rows_from_the_top_of_the_schedule(host):
+    """``world_model._noised``: ``high_share`` of the rows from the schedule's top 40% (sigma 2.3 and
+    up on SD1.x's), the others from all of it."""
+    if host.version != "current":
+        pytest.skip("the training script runs on the late-2025 host (the world families build trainable text encoders there)")
+    parts = world_model.FAMILIES["sd15"].build()
+    sigmas = parts.model.model_sampling.sigmas
+    top = float(sigmas[int(world_model.HIGH_NOISE_FROM * len(sigmas))])
+    latents = torch.zeros(4000, 1, 1, 1)
+    drawn = {share: world_model._noised(parts, latents, torch.Generator().manual_seed(0), share)[0] for share in (0.0, 0.5, 1.0)}
+    assert bool((drawn[1.0] >= top).all())
+    high = {share: float((sigma >= top).float().mean()) for share, sigma in drawn.items()}
+    assert abs(high[0.0] - 0.4) < 0.03 and abs(high[0.5] - 0.7) < 0.03
