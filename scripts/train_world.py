@@ -7,8 +7,8 @@
     .venv/bin/python scripts/train_world.py --init tests/data/world_sd15.safetensors --minutes 40   # go on from a checkpoint
 
 Three phases, each resumable from the state folder (``--state``, outside git): the VAE (TAESD,
-encoder and decoder, on crops of world pictures), the dataset (scenes rendered, captions tokenized
-with the family's ComfyUI tokenizers, pictures encoded once by the trained encoder), and the
+encoder and decoder, on crops of world pictures), the dataset (scenes rendered, pictures encoded once
+by the trained encoder; their captions tokenized with the family's ComfyUI tokenizers), and the
 denoiser with its text encoder, trained jointly (the family's loss: v prediction on SD1.x's schedule
 for ``sd15``, flow matching for ``flux``; 10% of the captions dropped for classifier-free guidance;
 the caption kept out of the end and padding tokens, so that it reaches the denoiser through its
@@ -49,7 +49,8 @@ import world_scenes  # noqa: E402
 
 CAPTION_DROPOUT = 0.1  # the share of empty captions, for classifier-free guidance
 # The share of captions that leave the objects' places out, as a user's prompt mostly does: the
-# model then learns to put objects where the seed leads as well as where the words say.
+# model then learns to put objects where the seed leads as well as where the words say (after the
+# first ``--places-named`` of the steps, in which every caption names them: ``training_tokens``).
 PLACELESS_SHARE = 0.5
 VAE_CROP = 48  # pixels: the VAE is convolutional, so it trains on crops (a 6x6 latent) for speed
 # How strongly the text encoder is taught to keep the caption out of its end-of-text and padding
