@@ -1,7 +1,7 @@
 """Train the tiny world model (tests/world_model.py) on the synthetic world (tests/world_scenes.py).
 
-    .venv/bin/python scripts/train_world.py --images 8000 --vae-steps 400 --steps 40000 --batch 16 --lr 5e-4 --minutes 45 --out w.safetensors
-        # from scratch in 54 minutes on 2 CPU cores: colours, backgrounds and patterns; places 2 times in 3, shapes less than half the time (README)
+    .venv/bin/python scripts/train_world.py --images 8000 --vae-steps 400 --steps 40000 --batch 16 --lr 5e-4 --minutes 44 --out w.safetensors
+        # from scratch in 53 minutes on 2 CPU cores: colours, places, backgrounds and patterns; shapes about half the time (README)
     python scripts/train_world.py --family flux --device cuda --images 100000 --workers 4 --vae-steps 3000 --vae-batch 64 --steps 40000 --batch 512 --lr 5e-4 --minutes 5.3
     .venv/bin/python scripts/train_world.py --out /tmp/w.safetensors --images 64 --vae-steps 5 --steps 5   # a smoke run
     .venv/bin/python scripts/train_world.py --init tests/data/world_sd15.safetensors --minutes 40   # go on from a checkpoint
@@ -13,9 +13,8 @@ denoiser with its text encoder, trained jointly (the family's loss: v prediction
 for ``sd15``, flow matching for ``flux``; 10% of the captions dropped for classifier-free guidance;
 the caption kept out of the end and padding tokens, so that it reaches the denoiser through its
 words, as Prompt-to-Prompt edits them (``content_free_padding``; from scratch, after the model has
-learnt the world with it there: ``content_free_share``); from scratch, every caption naming its
-places for the first half of the steps (``training_tokens``) and half the noise levels drawn from
-the top of the schedule (``world_model._noised``), where the layout is decided; an EMA of the
+learnt the world with it there: ``content_free_share``); from scratch, half the noise levels drawn
+from the top of the schedule (``world_model._noised``), where the layout is decided; an EMA of the
 weights is what gets saved). The state is saved every minute; stopping the denoiser (Ctrl-C, or ``--minutes`` running
 out) saves it and writes the checkpoint of the steps so far, and running the same command again
 goes on from there. Everything is drawn from ``--seed`` (on the CPU, so a GPU run draws the same
@@ -49,8 +48,7 @@ import world_scenes  # noqa: E402
 
 CAPTION_DROPOUT = 0.1  # the share of empty captions, for classifier-free guidance
 # The share of captions that leave the objects' places out, as a user's prompt mostly does: the
-# model then learns to put objects where the seed leads as well as where the words say (after the
-# first ``--places-named`` of the steps, in which every caption names them: ``training_tokens``).
+# model then learns to put objects where the seed leads as well as where the words say.
 PLACELESS_SHARE = 0.5
 VAE_CROP = 48  # pixels: the VAE is convolutional, so it trains on crops (a 6x6 latent) for speed
 # How strongly the text encoder is taught to keep the caption out of its end-of-text and padding
@@ -64,10 +62,9 @@ def render_picture(scene: world_scenes.Scene) -> np.ndarray:
     return world_scenes.render(scene)[0]
 
 
-def render_dataset(count: int, seed: int, workers: int) -> tuple[np.ndarray, list[str], list[str]]:
+def render_dataset(count: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
     """``count`` scenes drawn in order from ``seed`` (so the dataset does not depend on ``workers``),
-    rendered by ``workers`` processes, and two captions of each: as users write them (PLACELESS_SHARE
-    of them without places), and naming everything, places included (``training_tokens``)."""
+    rendered by ``workers`` processes, and their captions (PLACELESS_SHARE of them without places)."""
     rng = np.random.default_rng(seed)
     scenes = [world_scenes.sample_scene(rng) for _ in range(count)]
     with_places = rng.random(count) >= PLACELESS_SHARE
@@ -76,8 +73,7 @@ def render_dataset(count: int, seed: int, workers: int) -> tuple[np.ndarray, lis
             pictures = list(pool.map(render_picture, scenes, chunksize=256))
     else:
         pictures = [render_picture(s) for s in tqdm(scenes, desc="render", dynamic_ncols=True)]
-    captions = [world_scenes.caption(s, bool(p)) for s, p in zip(scenes, with_places)]
-    return np.stack(pictures), captions, [world_scenes.caption(s) for s in scenes]
+    return np.stack(pictures), [world_scenes.caption(s, bool(p)) for s, p in zip(scenes, with_places)]
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -200,9 +196,9 @@ def start_from(parts, family, path: Path) -> None:
                 tensor.copy_(saved[name])
 
 
-def encode_dataset(parts, images: np.ndarray, captions: list[str], named: list[str], state: State, args: argparse.Namespace) -> dict:
+def encode_dataset(parts, images: np.ndarray, captions: list[str], state: State, args: argparse.Namespace) -> dict:
     """Latents of every picture (by the trained encoder, divided by their std; kept in the state) and
-    the tokens of both its captions (``render_dataset``: ``tokens``, ``named_tokens``)."""
+    its caption's tokens."""
     saved = state.load("dataset")
     if saved is None or saved["captions"] != captions:  # none yet, or one of an older world
         with torch.no_grad():
@@ -221,19 +217,8 @@ def encode_dataset(parts, images: np.ndarray, captions: list[str], named: list[s
         "latents": saved["latents"],
         "latent_std": saved["latent_std"],
         "tokens": torch.tensor([parts.token_ids(c) for c in captions]),
-        "named_tokens": torch.tensor([parts.token_ids(c) for c in named]),
         "empty": torch.tensor(parts.token_ids("")),
     }
-
-
-def training_tokens(dataset: dict, step: int, planned: int, places_named: float) -> torch.Tensor:
-    """The captions a step trains on: for the first ``places_named`` of the planned steps, each
-    naming its objects' places (``--places-named``), then as users write them.
-
-    From scratch, a model that may leave places to the seed does: with half of its captions placeless
-    from the first step, an hour's training put objects where the starting noise led them, whatever
-    place its caption named (README, the hour)."""
-    return dataset["named_tokens"] if step < places_named * planned else dataset["tokens"]
 
 
 def keep_saved_tensors(tensor: torch.Tensor) -> torch.Tensor:
@@ -308,9 +293,9 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
         optimizer.load_state_dict(saved["optimizer"])
         step, planned = saved["step"], saved.get("planned", args.steps)
     latents = dataset["latents"].to(args.device)
-    empty = dataset["empty"]  # the tokens stay on the CPU: the text encoder reads their lengths there
+    tokens, empty = dataset["tokens"], dataset["empty"]  # on the CPU: the text encoder reads their lengths there
     with torch.no_grad():
-        parts.check_encode_tokens(dataset["tokens"][:4])
+        parts.check_encode_tokens(tokens[:4])
     skipped = 0
     deadline = time.monotonic() + 60 * args.minutes
     last_save = time.monotonic()
@@ -321,7 +306,7 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
         while step < planned:
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
             picks = torch.randint(0, len(latents), (args.batch,), generator=generator)
-            batch_tokens = training_tokens(dataset, step, planned, args.places_named)[picks].clone()
+            batch_tokens = tokens[picks].clone()
             batch_tokens[torch.rand(args.batch, generator=generator) < CAPTION_DROPOUT] = empty
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, planned, args.lr, 200)
@@ -409,9 +394,6 @@ def main() -> None:
     parser.add_argument("--content-free-ramp", type=float, nargs=2, metavar=("START", "END"),
                         help="fractions of the steps between which the share of captions read from their words only "
                              "rises from 0 to 1 (default: 0.25 0.65 from scratch; with --init, all from the first step)")
-    parser.add_argument("--places-named", type=float, metavar="FRACTION",
-                        help="fraction of the steps (from the first) during which every caption names its objects' places; "
-                             "after it, PLACELESS_SHARE of them leave them out (default: 0.5 from scratch; with --init, 0)")
     parser.add_argument("--high-noise-share", type=float, metavar="SHARE",
                         help="share of the rows whose noise level is drawn from the top 40%% of the schedule, where the "
                              "caption decides the layout; the others uniformly (default: 0.5 from scratch; with --init, 0)")
@@ -422,8 +404,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.content_free_ramp is None:
         args.content_free_ramp = (0.0, 0.0) if args.init else (0.25, 0.65)
-    if args.places_named is None:
-        args.places_named = 0.0 if args.init else 0.5
     if args.high_noise_share is None:
         args.high_noise_share = 0.0 if args.init else 0.5
 
@@ -436,12 +416,12 @@ def main() -> None:
     family = world_model.FAMILIES[args.family]
     parts = family.build()
     state = State(args.state / (f"{args.family}-seed{args.seed}" + (f"-from-{args.init.stem}" if args.init else "")))
-    images, captions, named = render_dataset(args.images, args.seed, args.workers)
+    images, captions = render_dataset(args.images, args.seed, args.workers)
     if args.init is None:
         train_vae(parts, images, state, args)
     else:
         start_from(parts, family, args.init)
-    dataset = encode_dataset(parts, images, captions, named, state, args)
+    dataset = encode_dataset(parts, images, captions, state, args)
     del images
     ema = train_denoiser(parts, family, dataset, state, args)
     write_checkpoint(parts, family, {n: m.cpu() for n, m in ema.items()}, dataset["latent_std"], args.out or family.checkpoint)
