@@ -17,8 +17,8 @@ learnt the world with it there: ``content_free_share``); from scratch, half the 
 from the top of the schedule (``world_model._noised``), where the layout is decided; an EMA of the
 weights is what gets saved). The state is saved every minute; stopping the denoiser (Ctrl-C, or
 ``--minutes`` running out) saves it and writes the checkpoint of the steps so far, and running the
-same command again goes on from there. Everything is drawn from ``--seed`` (on the CPU, so a GPU run draws the same
-batches and noise). The result is one checkpoint that the stock
+same command again goes on from there. Everything is drawn from ``--seed`` (on the CPU, so a GPU
+run draws the same batches and noise). The result is one checkpoint that the stock
 CheckpointLoaderSimple loads once the world architecture is registered. ``--init`` starts the
 denoiser, the text encoders and the VAE from a checkpoint the script wrote (the VAE is then kept as
 it is), e.g. to go on training a committed model, or to train it for another objective.

@@ -141,7 +141,7 @@ def test_training_keeps_the_caption_out_of_the_padding_of_the_free_rows_only(hos
 
 def test_training_captions_leave_the_places_out_of_about_half_of_the_pictures(host, monkeypatch):
     """``scripts/train_world.py``: the dataset's captions are as users write them, about half
-    (PLACELESS_SHARE) without the objects' places, the others naming everything in the picture."""
+    (PLACELESS_SHARE) without the objects' places."""
     monkeypatch.syspath_prepend(str(world_model.REPO / "scripts"))
     import train_world
 
