@@ -1,7 +1,7 @@
 """Train the tiny world model (tests/world_model.py) on the synthetic world (tests/world_scenes.py).
 
-    .venv/bin/python scripts/train_world.py --images 8000 --vae-steps 400 --steps 40000 --batch 16 --lr 5e-4 --minutes 44 --out w.safetensors
-        # from scratch in 53 minutes on 2 CPU cores: colours, places, backgrounds and patterns; shapes about half the time (README)
+    .venv/bin/python scripts/train_world.py --images 8000 --vae-steps 400 --steps 14033 --batch 16 --lr 5e-4 --out w.safetensors
+        # from scratch in about 80 minutes on 2 CPU cores: colours, places, backgrounds and patterns; shapes about half the time (README)
     python scripts/train_world.py --family flux --device cuda --images 100000 --workers 4 --vae-steps 3000 --vae-batch 64 --steps 40000 --batch 512 --lr 5e-4 --minutes 5.3
     .venv/bin/python scripts/train_world.py --out /tmp/w.safetensors --images 64 --vae-steps 5 --steps 5   # a smoke run
     .venv/bin/python scripts/train_world.py --init tests/data/world_sd15.safetensors --minutes 40   # go on from a checkpoint

@@ -152,6 +152,16 @@ def test_training_captions_leave_the_places_out_of_about_half_of_the_pictures(ho
     assert 10 <= len(placeless) <= 30
 
 
+def test_a_world_model_from_scratch_starts_its_word_embeddings_at_unit_scale(host):
+    """``world_model._reset``: the text encoder's embeddings start at N(0, 1), PyTorch's default, not
+    CLIP's N(0, 0.02), from which training soon gave "circle" and "square" one state (README, "The
+    tiny world model")."""
+    if host.version != "current":
+        pytest.skip("the training script runs on the late-2025 host (the world families build trainable text encoders there)")
+    embeddings = world_model.FAMILIES["sd15"].build().encoder("l").transformer.get_input_embeddings().weight
+    assert abs(float(embeddings.std()) - 1.0) < 0.01 and abs(float(embeddings.mean())) < 0.01
+
+
 def test_training_draws_the_high_noise_share_of_the_rows_from_the_top_of_the_schedule(host):
     """``world_model._noised``: ``high_share`` of the rows from the schedule's top 40% (sigma 2.3 and
     up on SD1.x's), the others from all of it."""
