@@ -228,11 +228,11 @@ def _reset(module: torch.nn.Module) -> None:
     """Default PyTorch initialisation for every layer (ComfyUI's layers skip it: they expect weights
     to be loaded); normalisations 1 / 0, embeddings N(0, 1).
 
-    Embeddings at N(0, 1), not CLIP's N(0, 0.02): AdamW moves every embedding by about the learning
-    rate a step, so from CLIP's start the words' own differences are soon gone and words that the
-    denoiser cannot yet tell apart get one embedding and stay so (an hour from scratch gave "circle"
-    and "square" states 0.04 apart and drew them alike); from N(0, 1) they stay apart, and the
-    same hour placed two and three objects better (README, "The tiny world model")."""
+    Embeddings at N(0, 1), not CLIP's N(0, 0.02): AdamW moves each coordinate by up to about the
+    learning rate a step, so from CLIP's start the words' own differences are soon outweighed and
+    words that the denoiser cannot yet tell apart get one embedding and keep it (an hour from scratch
+    gave "circle" and "square" states 0.04 apart and drew them alike); from N(0, 1) they stay apart,
+    and the same hour placed two and three objects better (README, "The tiny world model")."""
     with torch.no_grad():
         for sub in module.modules():
             if isinstance(sub, torch.nn.modules.conv._ConvNd):
@@ -244,7 +244,7 @@ def _reset(module: torch.nn.Module) -> None:
                     sub.weight.fill_(1.0)
                     sub.bias.zero_()
             elif isinstance(sub, torch.nn.Embedding):
-                sub.weight.normal_(0.0, 1.0)
+                torch.nn.Embedding.reset_parameters(sub)
 
 
 def _build_sd15() -> Parts:
