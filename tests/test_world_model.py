@@ -162,16 +162,25 @@ def test_a_world_model_from_scratch_starts_its_word_embeddings_at_unit_scale(hos
     assert abs(float(embeddings.std()) - 1.0) < 0.01 and abs(float(embeddings.mean())) < 0.01
 
 
-def test_training_draws_the_high_noise_share_of_the_rows_from_the_top_of_the_schedule(host):
-    """``world_model._noised``: ``high_share`` of the rows from the schedule's top 40% (sigma 2.3 and
-    up on SD1.x's), the others from all of it."""
+def test_training_draws_its_shares_of_the_rows_from_the_top_and_the_middle_of_the_schedule(host):
+    """``world_model._noised``: shares of the rows from the schedule's top 40% (sigma 2.3 and up on
+    SD1.x's) and from its middle (sigma 0.57 to 3.3), the others from all of it; without a middle
+    share, a seed draws what it drew before the middle band existed (the README's runs)."""
     if host.version != "current":
         pytest.skip("the training script runs on the late-2025 host (the world families build trainable text encoders there)")
     parts = world_model.FAMILIES["sd15"].build()
     sigmas = parts.model.model_sampling.sigmas
-    top = float(sigmas[int(world_model.HIGH_NOISE_FROM * len(sigmas))])
+    top, middle, above_middle = (float(sigmas[int(fraction * len(sigmas))]) for fraction in (*world_model.HIGH_NOISE[:1], *world_model.MID_NOISE))
+    assert [round(sigma, 1) for sigma in (top, middle, above_middle)] == [2.3, 0.6, 3.3]
     latents = torch.zeros(4000, 1, 1, 1)
-    drawn = {share: world_model._noised(parts, latents, torch.Generator().manual_seed(0), share)[0] for share in (0.0, 0.5, 1.0)}
-    assert bool((drawn[1.0] >= top).all())
-    high = {share: float((sigma >= top).float().mean()) for share, sigma in drawn.items()}
-    assert abs(high[0.0] - 0.4) < 0.03 and abs(high[0.5] - 0.7) < 0.03
+    # (top share, middle share) -> (rows in the top band, rows in the middle band); the bands overlap from sigma 2.3 to 3.3
+    cases = {(0.0, 0.0): (0.4, 0.5), (1.0, 0.0): (1.0, 0.25), (0.0, 1.0): (0.2, 1.0), (0.5, 0.0): (0.7, 0.375), (0.5, 0.5): (0.6, 0.625)}
+    for shares, (want_top, want_middle) in cases.items():
+        sigma = world_model._noised(parts, latents, torch.Generator().manual_seed(0), shares)[0]
+        in_top, in_middle = float((sigma >= top).float().mean()), float(((sigma >= middle) & (sigma < above_middle)).float().mean())
+        assert abs(in_top - want_top) < 0.03 and abs(in_middle - want_middle) < 0.03, (shares, in_top, in_middle)
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randint(0, 1000, (4000,), generator=generator)
+    high = torch.randint(600, 1000, (4000,), generator=generator)
+    before = torch.where(torch.rand(4000, generator=generator) < 0.5, high, before)
+    assert torch.equal(world_model._noised(parts, latents, torch.Generator().manual_seed(0), (0.5, 0.0))[0], sigmas[before])
