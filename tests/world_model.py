@@ -281,10 +281,11 @@ def _noised(parts: Parts, latents: torch.Tensor, generator: torch.Generator, sha
 
     The middle is for going on from a model that has learnt everything but the shapes: 10 minutes
     from an hour model that drew circles and squares alike taught it them on the middle band (shapes
-    0.78; its error inside the objects at sigma 1.6: 0.055 with the right word, 0.081 with circle and
+    0.77; its error inside the objects at sigma 1.6: 0.055 with the right word, 0.082 with circle and
     square swapped), not on uniform draws (0.64; 0.065 and 0.071), nor with half from the top and a
-    third from the middle (0.067 and 0.069): the top's errors are the largest (the picture is still
-    undecided there) and drown the outlines', and at the lowest levels the noisy picture shows them."""
+    third from sigma 0.57 to 2.3 (0.067 and 0.069): the top's errors are the largest (the picture is
+    still undecided there) and drown the outlines', and at the lowest levels the noisy picture shows
+    them."""
     sampling = parts.model.model_sampling
     count, levels = latents.shape[0], len(sampling.sigmas)
     high_share, mid_share = shares
