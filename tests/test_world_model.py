@@ -152,6 +152,32 @@ def test_training_captions_leave_the_places_out_of_about_half_of_the_pictures(ho
     assert 10 <= len(placeless) <= 30
 
 
+def test_going_on_from_a_checkpoint_finds_the_dataset_its_run_encoded(host, monkeypatch, tmp_path):
+    """``train_world.dataset_name``: the encoded dataset is named by the encoder's weights as the
+    checkpoint keeps them (float16), so ``--init`` reuses the dataset of the run that wrote the
+    checkpoint (8.6 minutes of the hour on 2 CPU cores), and another encoder encodes anew."""
+    if host.version != "current":
+        pytest.skip("the training script runs on the late-2025 host (the world families build trainable text encoders there)")
+    monkeypatch.syspath_prepend(str(world_model.REPO / "scripts"))
+    import argparse
+
+    import train_world
+
+    family, args = world_model.FAMILIES["sd15"], argparse.Namespace(family="sd15", seed=0, images=8000)
+    parent = family.build()
+    with torch.no_grad():  # weights that float16 does not hold exactly, as training leaves them
+        for weight in parent.vae.taesd_encoder.parameters():
+            weight.add_(torch.randn_like(weight) * 1e-3)
+    path = tmp_path / "parent.safetensors"
+    train_world.write_checkpoint(parent, family, parent.trainable(), 1.0, path)
+    child = family.build()
+    train_world.start_from(child, family, path)
+    assert train_world.dataset_name(child, args) == train_world.dataset_name(parent, args)
+    with torch.no_grad():
+        next(child.vae.taesd_encoder.parameters()).view(-1)[0] += 0.01
+    assert train_world.dataset_name(child, args) != train_world.dataset_name(parent, args)
+
+
 def test_a_world_model_from_scratch_starts_its_word_embeddings_at_unit_scale(host):
     """``world_model._reset``: the text encoder's embeddings start at N(0, 1), PyTorch's default, not
     CLIP's N(0, 0.02), from which training soon gave "circle" and "square" one state (README, "The
