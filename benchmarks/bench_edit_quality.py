@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_edit_quality.py --sweep      # the figures behind the defaults
     .venv/bin/python benchmarks/bench_edit_quality.py --caption-following 200   # does the model follow its captions
     .venv/bin/python benchmarks/bench_edit_quality.py --places     # edit prompts that name the objects' places
+    .venv/bin/python benchmarks/bench_edit_quality.py --shape-words --checkpoint w.safetensors   # does it draw shapes from their words
 
 Every run goes through the pack's real nodes and the stock ones (CheckpointLoaderSimple, KSampler,
 KSamplerAdvanced, VAE Encode / Decode) on the real ComfyUI host; scenes, edits and scores are in
@@ -15,7 +16,9 @@ line gives the means over every scored case and seed.
 ``--sweep`` runs the settings the defaults were chosen from (cross / self replace windows, the
 self-attention resolutions, the local blend threshold), each on the cases it acts on.
 ``--caption-following N`` scores N plain generations of random captions: how often the named
-colours, shapes, places, background colours and patterns are there. ``--places`` / ``--no-places``
+colours, shapes, places, background colours and patterns are there. ``--shape-words`` measures
+whether the denoiser reads an object's shape from its word (``world_edits.shape_word_use``): its
+error inside single circles and squares with the shape word right and swapped. ``--places`` / ``--no-places``
 name the objects' places in the edit prompts or leave them out (by default the SD1.x world's prompts
 leave them to the seed, as a user's prompt does; the Flux world's, trained on captions with places
 only, name them).
@@ -87,6 +90,13 @@ def caption_following(pool: ProcessPoolExecutor, seeds: range, settings: world_e
         print(f"{label:>8} {len(chosen):>4}  " + "  ".join(f"{np.mean([r[k] for r in chosen]):>10.2f}" for k in keys))
 
 
+def shape_words() -> None:
+    """``world_edits.shape_word_use`` in this (the only) worker, one row per noise level."""
+    print("the denoiser's error inside 48 single circles and squares, the shape word right / circle and square swapped")
+    for sigma, right, wrong in world_edits.shape_word_use(_WORKER["host"], _WORKER["world"]):
+        print(f"  sigma {sigma:5.2f}: {right:.3f} / {wrong:.3f}  (x{wrong / right:.2f})")
+
+
 def run(pool: ProcessPoolExecutor, case: str, seeds: range, settings: world_edits.Settings, baseline: bool = True) -> dict:
     """Per arm ("p2p", "plain"): each metric's values over the seeds whose source is valid."""
     started = time.perf_counter()
@@ -150,6 +160,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(world_edits.CASES), help="comma-separated cases")
     parser.add_argument("--sweep", action="store_true", help="run the default-selection sweeps instead")
     parser.add_argument("--caption-following", type=int, metavar="N", help="score N plain generations of random captions instead")
+    parser.add_argument("--shape-words", action="store_true", help="measure whether the denoiser draws shapes from their words instead (SD1.x)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes, each with its own ComfyUI host")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker: the tiny model's ops are too small to share")
     parser.add_argument("--family", default="sd15", choices=sorted(world_model.FAMILIES), help="the world model's family")
@@ -162,6 +173,12 @@ def main() -> None:
     if args.places is not None:
         settings = replace(settings, places=args.places)
     seeds = range(args.seeds)
+    if args.shape_words:
+        if args.family != "sd15":
+            parser.error("--shape-words measures SD1.x world models (--family sd15)")
+        start_worker(args.threads, args.family, args.checkpoint)
+        shape_words()
+        return
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"), initializer=start_worker, initargs=(args.threads, args.family, args.checkpoint)) as pool:
         print(f"tiny world model ({args.family}), {settings.steps} {settings.sampler} steps ({settings.scheduler}), cfg {settings.cfg}, "
               f"cross {settings.cross_replace_steps}, self {settings.self_replace_steps} ({settings.self_replace_resolution}), "

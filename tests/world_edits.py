@@ -199,6 +199,50 @@ def follow_caption(host: Any, world: tuple, seed: int, settings: Settings) -> tu
     return len(scene.objects), ws.caption_following(picture, scene)
 
 
+# Schedule steps (of 1000) at which ``shape_word_use`` measures; on SD1.x's schedule sigma 5.1, 2.3,
+# 1.6, 1.2 and 0.57: the middle, where the caption decides the objects' outlines.
+WORD_USE_STEPS = (800, 600, 500, 400, 200)
+
+
+def shape_word_use(host: Any, world: tuple, count: int = 48, seed: int = 123) -> list[tuple[float, float, float]]:
+    """Does the denoiser draw an object's shape from its word? Per step of ``WORD_USE_STEPS``:
+    (sigma, its denoised error with the right caption, with circle and square swapped), over
+    ``count`` single circles and squares (captions without places, the same noise for both
+    captions), inside the latent cells each object touches. A model that reads the shape from the
+    word errs more with the wrong one (the committed model: 0.049 against 0.094 at sigma 1.6); one
+    that draws circles and squares alike errs the same (an hour from scratch: 0.070 and 0.071).
+    SD1.x world models (``apply_model`` without a pooled vector)."""
+    model, clip, vae = world
+    rng = np.random.default_rng(seed)
+    scenes: list[ws.Scene] = []
+    while len(scenes) < count:
+        scene = ws.sample_scene(rng, objects=1)
+        if scene.objects[0].shape in ("circle", "square"):
+            scenes.append(scene)
+    rendered = [ws.render(scene) for scene in scenes]
+    pixels = torch.from_numpy(np.stack([picture for picture, _ in rendered])).float() / 255  # [N, H, W, 3], as VAE Encode takes
+    masks = torch.from_numpy(np.stack([masks[0] for _, masks in rendered])).float()[:, None]
+    cells = torch.nn.functional.max_pool2d(masks, 8)  # the latent cells (8 px) each object touches
+    swapped = {"circle": "square", "square": "circle"}
+    captions = [ws.caption(scene, places=False) for scene in scenes]
+    wrong = [" ".join(swapped.get(word, word) for word in caption.split(" ")) for caption in captions]
+    sampling = model.model.model_sampling
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    with torch.inference_mode():
+        latents = model.model.process_latent_in(host.nodes.VAEEncode().encode(vae, pixels)[0]["samples"].float())
+        conds = [torch.cat([encode(host, clip, text)[0][0] for text in texts]).float() for texts in (captions, wrong)]
+        for step in WORD_USE_STEPS:
+            sigma = sampling.sigmas[step].expand(count)
+            noisy = sampling.noise_scaling(sigma, torch.randn(latents.shape, generator=generator), latents)
+            errors = []
+            for cond in conds:
+                denoised = model.model.apply_model(noisy, sigma, c_crossattn=cond)
+                errors.append(float(((denoised - latents) ** 2 * cells).sum() / (cells.sum() * latents.shape[1])))
+            rows.append((float(sigma[0]), *errors))
+    return rows
+
+
 def p2p_generate(host: Any, world: tuple, p2p_edit: Any, seed: int, settings: Settings) -> tuple[list[np.ndarray], Any, dict]:
     """The P2P run from noise: [source, target] pictures, the patched model and the sampled latent."""
     model, clip, vae = world

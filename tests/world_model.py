@@ -218,7 +218,9 @@ Encoded = dict[str, tuple[torch.Tensor, torch.Tensor | None]]  # Parts.encode_to
 class Family:
     name: str
     build: Callable[[], Parts]
-    loss: Callable[[Parts, torch.Tensor, Encoded, torch.Generator, tuple[float, float]], torch.Tensor]  # (parts, latents, encoded captions, generator, noise-band shares)
+    # (parts, latents, encoded captions, generator, noise-band shares) -> (each row's loss, the
+    # schedule step its noise level was drawn at)
+    loss: Callable[[Parts, torch.Tensor, Encoded, torch.Generator, tuple[float, float]], tuple[torch.Tensor, torch.Tensor]]
     state_dict: Callable[[Parts], dict[str, torch.Tensor]]  # the checkpoint, as ComfyUI saves one
     check_detection: Callable[[dict[str, torch.Tensor]], None]  # raises unless ComfyUI detects the checkpoint as this family
     checkpoint: Path  # where the committed checkpoint lives
@@ -274,8 +276,8 @@ HIGH_NOISE = (0.6, 1.0)  # sigma 2.3 and up on SD1.x's (0.6 and up on Flux.1-sch
 MID_NOISE = (0.2, 0.7)  # sigma 0.57 to 3.3 on SD1.x's: where it decides the objects' outlines (circle or square)
 
 
-def _noised(parts: Parts, latents: torch.Tensor, generator: torch.Generator, shares: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sigma, noise, noisy latents): a draw from the model's own table of noise levels, from
+def _noised(parts: Parts, latents: torch.Tensor, generator: torch.Generator, shares: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigma, noise, noisy latents, schedule steps): a draw from the model's own table of noise levels, from
     ``HIGH_NOISE`` and ``MID_NOISE`` for ``shares`` of the rows and uniform for the others, and the
     latents noised at it as the model's sampling noises them (``noise_scaling``).
 
@@ -298,10 +300,10 @@ def _noised(parts: Parts, latents: torch.Tensor, generator: torch.Generator, sha
         steps = torch.where((choice >= high_share) & (choice < high_share + mid_share), mid, steps)
     sigma = sampling.sigmas[steps].to(latents)
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    return sigma, noise, sampling.noise_scaling(sigma, noise, latents)
+    return sigma, noise, sampling.noise_scaling(sigma, noise, latents), steps
 
 
-def _sd15_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator: torch.Generator, shares: tuple[float, float]) -> torch.Tensor:
+def _sd15_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator: torch.Generator, shares: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """SD2.x-v's training objective on SD1.x's schedule: v prediction at a discrete timestep (``_noised``),
     through ComfyUI's V_PREDICTION model sampling (x = x0 + sigma * eps; the v loss is the denoised
     error weighted (sigma^2 + 1) / sigma^2).
@@ -312,11 +314,11 @@ def _sd15_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator:
     schedule's top, 1.7, was above the latents' own variance, 1; any background word gave the
     same picture)."""
     sampling = parts.model.model_sampling
-    sigma, _, noisy = _noised(parts, latents, generator, shares)
+    sigma, _, noisy, steps = _noised(parts, latents, generator, shares)
     prediction = parts.model.diffusion_model(sampling.calculate_input(sigma, noisy), timesteps=sampling.timestep(sigma), context=encoded["l"][0])
     denoised = sampling.calculate_denoised(sigma, prediction, noisy)
     weight = (sigma**2 + 1) / sigma**2
-    return (weight[:, None, None, None] * (denoised - latents) ** 2).mean()
+    return weight * (denoised - latents).pow(2).flatten(1).mean(1), steps
 
 
 def _sd15_state_dict(parts: Parts) -> dict[str, torch.Tensor]:
@@ -361,14 +363,14 @@ def _build_flux() -> Parts:
     return Parts(config, model, clip, vae, {"l": "clip_l", "t5xxl": "t5xxl"}, {"dit": model.diffusion_model, "t5": t5})
 
 
-def _flux_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator: torch.Generator, shares: tuple[float, float]) -> torch.Tensor:
+def _flux_loss(parts: Parts, latents: torch.Tensor, encoded: Encoded, generator: torch.Generator, shares: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rectified flow as ComfyUI's CONST model sampling defines it: x = (1 - sigma) x0 + sigma * noise,
     the model predicts noise - x0 (its denoised is x - sigma * output), at a sigma drawn from the
     model's own table by ``_noised`` (Flux.1-schnell's: shift 1, so t / 1000 for t = 1..1000)."""
     sampling = parts.model.model_sampling
-    sigma, noise, noisy = _noised(parts, latents, generator, shares)
+    sigma, noise, noisy, steps = _noised(parts, latents, generator, shares)
     prediction = parts.model.diffusion_model(noisy, sampling.timestep(sigma), context=encoded["t5xxl"][0], y=encoded["l"][1])
-    return torch.nn.functional.mse_loss(prediction, noise - latents)
+    return (prediction - (noise - latents)).pow(2).flatten(1).mean(1), steps
 
 
 def _flux_state_dict(parts: Parts) -> dict[str, torch.Tensor]:
