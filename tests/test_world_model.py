@@ -225,8 +225,8 @@ def test_balancing_the_noise_levels_weighs_every_level_alike_and_keeps_the_total
     """``train_world.NoiseLevelBalance`` (``--balance-noise-levels``): once each band of noise levels
     has its running mean, every row weighs the mean over bands, whatever its own level's loss (the v
     loss at the schedule's top is about six times the middle's), so a level ten times another's
-    pulls alike; losses alike at every level are left as they are; a resumed run goes on with the
-    means it saved."""
+    pulls alike; at power 0.5 it pulls sqrt(10) times as hard, the total still kept; losses alike
+    at every level are left as they are; a resumed run goes on with the means it saved."""
     monkeypatch.syspath_prepend(str(world_model.REPO / "scripts"))
     import train_world
 
@@ -240,6 +240,14 @@ def test_balancing_the_noise_levels_weighs_every_level_alike_and_keeps_the_total
     torch.testing.assert_close(losses.grad * losses.detach() * len(losses), torch.full((4,), 0.55))  # each row weighs alike
     alike = torch.full((4,), 0.3)
     assert torch.equal(train_world.NoiseLevelBalance(levels=1000)(alike, steps), alike.mean())
+    half = train_world.NoiseLevelBalance(levels=1000, power=0.5, bands=20)
+    losses.grad = None
+    for _ in range(3):
+        balanced = half(losses, steps)
+    balanced.backward()
+    torch.testing.assert_close(balanced.detach(), torch.tensor(0.55))  # the total kept at any power
+    pulls = losses.grad * losses.detach()
+    torch.testing.assert_close(pulls[0] / pulls[1], torch.tensor(10**0.5))  # the top's pull: between x10 (off) and x1
     resumed = train_world.NoiseLevelBalance(levels=1000, bands=20)
     resumed.load_state_dict(balance.state_dict())
     other = torch.tensor([0.5, 0.2, 0.7, 0.1])
