@@ -307,27 +307,25 @@ class NoiseLevelBalance:
 
     def __init__(self, levels: int, power: float = 1.0, bands: int = 20, decay: float = 0.99) -> None:
         self.levels, self.power, self.bands, self.decay = levels, power, bands, decay
-        self.means = torch.zeros(bands)
-        self.seen = torch.zeros(bands, dtype=torch.bool)
+        self.means = torch.zeros(bands)  # 0 until a band has rows (a mean loss is positive)
 
     def __call__(self, losses: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         bands = (steps * self.bands // self.levels).to(losses.device)
-        self.means, self.seen = self.means.to(losses.device), self.seen.to(losses.device)
+        self.means = self.means.to(losses.device)
         counts = torch.bincount(bands, minlength=self.bands)
         batch_means = torch.zeros_like(self.means).index_add_(0, bands, losses.detach()) / counts.clamp(min=1)
-        kept = torch.where(self.seen, self.decay ** counts, 0.0)  # a band's first rows set its mean
+        kept = torch.where(self.means > 0, self.decay ** counts, 0.0)  # a band's first rows set its mean
         self.means = torch.where(counts > 0, kept * self.means + (1 - kept) * batch_means, self.means)
-        self.seen = self.seen | (counts > 0)
+        seen = self.means[self.means > 0]
         weights = self.means.clamp(min=1e-12) ** -self.power
-        seen = self.means[self.seen]
-        total = seen.mean() / (seen * weights[self.seen]).mean()  # the weighted mean over levels is the plain one
+        total = seen.mean() / (seen * seen ** -self.power).mean()  # the weighted mean over levels is the plain one
         return (losses * weights[bands] * total).mean()
 
     def state_dict(self) -> dict:
-        return {"means": self.means.cpu(), "seen": self.seen.cpu()}
+        return {"means": self.means.cpu()}
 
     def load_state_dict(self, saved: dict) -> None:
-        self.means, self.seen = saved["means"], saved["seen"]
+        self.means = saved["means"]
 
 
 def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Namespace) -> dict[str, torch.nn.Module]:

@@ -93,7 +93,6 @@ def test_the_world_model_follows_its_captions(host, family):
     assert all(means[k] >= floor for k, floor in floors.items()), means
 
 
-
 def test_the_world_model_draws_circles_and_squares_from_their_words(host):
     """``world_edits.shape_word_use`` (``bench_edit_quality.py --shape-words``): with circle and square
     swapped in the caption, the committed model's error inside the object grows (about x1.9 at sigma
@@ -101,6 +100,7 @@ def test_the_world_model_draws_circles_and_squares_from_their_words(host):
     rows = world_edits.shape_word_use(host, world_edits.load_world(host), count=16)
     sigma, right, wrong = rows[world_edits.WORD_USE_STEPS.index(500)]
     assert round(sigma, 1) == 1.6 and wrong > 1.4 * right, rows
+
 
 def test_the_scorer_reads_rendered_scenes_exactly():
     for pattern in world_scenes.PATTERNS:
