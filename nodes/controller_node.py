@@ -13,7 +13,7 @@ from ..p2p_attention.errors import P2PError
 from ..p2p_attention.ranges import FRACTION
 from .edit_nodes import fraction_input
 from .invert_node import check_inverted_latent
-from .patch import CONDITIONING_KEY, SUPPORTED, install, layout_of, model_family, percent_to_sigma
+from .patch import CONDITIONING_KEY, SUPPORTED, install, layout_of, percent_to_sigma
 from .tokenize import encode_prompt
 
 
@@ -81,7 +81,7 @@ class P2PController:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": f"An {SUPPORTED} model (the DiT ones need ComfyUI v0.3.64 or later)."}),
+                "model": ("MODEL", {"tooltip": f"An {SUPPORTED} model (the DiT ones need ComfyUI v0.3.64 or later, Flux.2 v0.3.75)."}),
                 "clip": ("CLIP", {"tooltip": "The model's CLIP, used to tokenize and encode the edit's prompts."}),
                 "p2p_edit": ("P2P_EDIT", {"tooltip": "From P2P Word Swap, P2P Refine or P2P Reweight."}),
                 "latent": (
@@ -145,7 +145,7 @@ class P2PController:
             raise P2PError(CONTROLLER, "self_replace_resolution", f"{self_replace_resolution!r} is not one of {list(SELF_REPLACE_DOWNSCALES)}.",
                            "pick one of the listed choices.")
         check_inverted_latent(model, latent)
-        layout = layout_of(model_family(model))
+        layout = layout_of(model)
         prompts = [p2p_edit.source] + [t.prompt for t in p2p_edit.targets]
         encoded = {text: encode_prompt(clip, text) for text in prompts}
         plan = build_plan(p2p_edit, lambda text: encoded[text][0], cross_replace_steps, self_replace_steps, words,

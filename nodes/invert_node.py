@@ -208,7 +208,7 @@ def _tooltip(kind: str, tooltip: str, **options: Any) -> tuple:
 class P2PDDIMInvert:
     DESCRIPTION = (
         "Inverts an encoded image (VAE Encode) along the sampler's schedule so that Prompt-to-Prompt can edit it; "
-        "SD1.x, SD2.x, SDXL and flow models (Flux, SD3.5, Qwen-Image, Chroma). "
+        "SD1.x, SD2.x, SDXL and flow models (Flux.1, Flux.2, SD3.5, Qwen-Image, Chroma). "
         "Plug latent -> P2P Controller latent, model -> P2P Controller model, then sample with SamplerCustom "
         "(add_noise off, sampler from this node's sampler output, sigmas from BasicScheduler with the same steps and "
         "scheduler, the same cfg) or, except for fireflow, KSamplerAdvanced (add_noise disable, sampler ddim or euler). "
@@ -232,7 +232,7 @@ class P2PDDIMInvert:
         return {
             "required": {
                 "model": _tooltip(
-                    "MODEL", "An SD1.x, SD2.x (also v-prediction), SDXL or flow model (Flux, SD3.5, Qwen-Image, Chroma): the one you sample with."
+                    "MODEL", "An SD1.x, SD2.x (also v-prediction), SDXL or flow model (Flux.1, Flux.2, SD3.5, Qwen-Image, Chroma): the one you sample with."
                 ),
                 "positive": _tooltip(
                     "CONDITIONING", "The source prompt, encoded: a description of the image, the same text as the P2P edit's source."

@@ -4,7 +4,7 @@ Where the hook sits is the only difference between the families:
 
 - UNets (SD1.x, SD2.x, SDXL; both hosts): the attention replace patches of every transformer block,
   ``attn1`` (self-attention) and ``attn2`` (cross-attention), which receive ``[b, n, heads * dim]``.
-- DiTs with joint attention (Flux.1, Chroma, SD3.x, Qwen-Image; v0.3.75): the
+- DiTs with joint attention (Flux.1, Chroma, SD3.x, Qwen-Image, Flux.2; v0.3.75): the
   ``optimized_attention_override`` of ``transformer_options`` (one slot: the override already there
   is chained underneath), which sees every attention call of the blocks, and an ``APPLY_MODEL``
   wrapper that tells it, per model call, the latent's token grid and the text's length. Text comes
@@ -23,16 +23,18 @@ import comfy.model_base
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..p2p_attention.attention import heads_first, merge_heads
-from ..p2p_attention.controller import CONTROLLER, PADDED, TILED, AttentionCall, P2PController
+from ..p2p_attention.controller import CONTROLLER, LEFT_PADDED, PADDED, TILED, AttentionCall, P2PController
 from ..p2p_attention.errors import P2PError
 from .host import model_sampling
 
 Site = tuple[str, int, int]  # (block name, block number, transformer index): ComfyUI's patch key
 UNET, DIT = "unet", "dit"
 # Joint-attention families, by ComfyUI model class; subclasses of a different kind are named first.
-UNSUPPORTED_SUBCLASSES = ("Flux2", "ChromaRadiance")
-DIT_CLASSES = ("Flux", "Chroma", "SD3", "QwenImage")  # Chroma is a Flux subclass; listed for messages
-SUPPORTED = "SD1.x, SD2.x, SDXL, Flux.1 (dev, schnell), Chroma, SD3/SD3.5 or Qwen-Image"
+UNSUPPORTED_SUBCLASSES = ("ChromaRadiance",)
+DIT_CLASSES = ("Flux", "Chroma", "SD3", "QwenImage", "Flux2")  # Chroma and Flux2 are Flux subclasses; listed for messages
+SUPPORTED = "SD1.x, SD2.x, SDXL, Flux.1 (dev, schnell), Chroma, SD3/SD3.5, Qwen-Image or Flux.2"
+# model_base.Flux2.extra_conds pads the text on the left with zeros, which the model attends to.
+LEFT_PADDING_CLASSES = ("Flux2",)
 LAYOUT_KEY = "p2p_token_layout"  # transformer_options entry the wrapper sets for the override
 
 
@@ -51,15 +53,18 @@ def model_family(model: Any) -> str:
             CONTROLLER,
             "model",
             f"{name} models are not supported: Prompt-to-Prompt edits their text attention, and this pack knows where "
-            "that sits only in SD-style UNets and in the joint attention of Flux.1, Chroma, SD3.x and Qwen-Image.",
+            "that sits only in SD-style UNets and in the joint attention of Flux.1, Chroma, SD3.x, Qwen-Image and Flux.2.",
             f"load an {SUPPORTED} model.",
         )
     return DIT
 
 
-def layout_of(family: str) -> str:
+def layout_of(model: Any) -> str:
     """How the prompts of one batch share columns (see p2p_attention/columns.py)."""
-    return TILED if family == UNET else PADDED
+    if model_family(model) == UNET:
+        return TILED
+    left = [getattr(comfy.model_base, n, None) for n in LEFT_PADDING_CLASSES]
+    return LEFT_PADDED if any(c is not None and isinstance(model.model, c) for c in left) else PADDED
 
 
 def transformer_blocks(model: Any) -> dict[Site, Any]:

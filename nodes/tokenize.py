@@ -3,15 +3,16 @@
 Which of ``clip.tokenize()``'s token lists the diffusion model attends to, and in which order, is
 the text layout of a model family (``TEXT_LAYOUTS``): SD1.x/SDXL attend to CLIP tokens, Flux.1 and
 Chroma to T5 tokens, SD3.x to its CLIP tokens followed by its T5 tokens, Qwen-Image to its Qwen2.5
-tokens after the chat template's system part (which its encoder drops). Every token is labelled with
-the text it spells (the tokenizer's own decoding), so words are matched the same way for CLIP's BPE,
-T5's SentencePiece and Qwen's byte-level BPE.
+tokens after the chat template's system part (which its encoder drops), Flux.2 to its Mistral tokens
+with the whole template (a system prompt, then the prompt inside [INST] ... [/INST]). Every token is
+labelled with the text it spells (the tokenizer's own decoding), so words are matched the same way
+for CLIP's BPE, T5's SentencePiece and the byte-level BPEs of Qwen and Mistral's Tekken.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import comfy.sd1_clip
@@ -27,12 +28,38 @@ Chunk = list[tuple[Any, str | None, bool]]  # (key, piece, special) per token
 PROMPT_WEIGHT = Range(-100.0, 100.0)
 
 
+def _after_chat_template(tokenizer: Any, chunk: Chunk) -> Chunk:
+    """Qwen-Image's encoder keeps the tokens from the template's user turn on: from the second
+    ``<|im_start|>``, and past ``user`` and a newline right after it (as ComfyUI's QwenImageTEModel)."""
+    hf = tokenizer.tokenizer
+    im_start = hf.convert_tokens_to_ids("<|im_start|>")
+    user, newline = hf.encode("user"), hf.encode("\n")
+    starts = [i for i, (key, _, _) in enumerate(chunk) if key == im_start][:2]
+    end = starts[-1] if starts else 0
+    if len(chunk) > end + 3 and [chunk[end + 1][0]] == user and [chunk[end + 2][0]] == newline:
+        end += 3
+    return chunk[end:]
+
+
+def _within_instruction(tokenizer: Any, chunk: Chunk) -> Chunk:
+    """Flux.2's encoder attends to its whole template, "[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]{prompt}
+    [/INST]" (ComfyUI's Flux2Tokenizer): the tokens outside the instruction spell no word of the prompt
+    (the tokenizer does not count [INST] and [/INST] as special)."""
+    hf = tokenizer.tokenizer
+    keys = [key for key, _, _ in chunk]
+    opening, closing = hf.convert_tokens_to_ids("[INST]"), hf.convert_tokens_to_ids("[/INST]")
+    start = keys.index(opening) + 1 if opening in keys else 0
+    stop = keys.index(closing, start) if closing in keys[start:] else len(keys)
+    return [(key, piece, special or not start <= i < stop) for i, (key, piece, special) in enumerate(chunk)]
+
+
 @dataclass(frozen=True)
 class TextLayout:
     name: str  # the model family, for messages
     segments: tuple[str, ...]  # keys of clip.tokenize()'s output the model attends to, in column order
-    weights: bool = True  # ComfyUI's "(word:1.2)" syntax is parsed (Qwen-Image's tokenizer disables it)
-    chat_template: bool = False  # the encoder drops a chat template's system part (Qwen-Image)
+    weights: bool = True  # ComfyUI's "(word:1.2)" syntax is parsed (Qwen-Image's and Flux.2's tokenizers disable it)
+    # What the encoder keeps of the tokenizer's template, its tokens that spell no word marked special.
+    template: Callable[[Any, Chunk], Chunk] | None = None
 
 
 TEXT_LAYOUTS = {
@@ -44,7 +71,8 @@ TEXT_LAYOUTS = {
     frozenset({"l", "t5xxl"}): TextLayout("Flux.1", ("t5xxl",)),
     frozenset({"t5xxl"}): TextLayout("Chroma", ("t5xxl",)),
     frozenset({"g", "l", "t5xxl"}): TextLayout("SD3.x", ("l", "t5xxl")),
-    frozenset({"qwen25_7b"}): TextLayout("Qwen-Image", ("qwen25_7b",), weights=False, chat_template=True),
+    frozenset({"qwen25_7b"}): TextLayout("Qwen-Image", ("qwen25_7b",), weights=False, template=_after_chat_template),
+    frozenset({"mistral3_24b"}): TextLayout("Flux.2", ("mistral3_24b",), weights=False, template=_within_instruction),
 }
 
 
@@ -55,7 +83,7 @@ def text_layout(clip: Any, tokens: dict) -> TextLayout:
             CONTROLLER,
             "clip",
             f"this text encoder (tokens {', '.join(sorted(tokens))}) belongs to no model family the pack supports.",
-            "use the text encoder of an SD1.x, SD2.x, SDXL, SD3.x, Flux.1, Chroma or Qwen-Image model.",
+            "use the text encoder of an SD1.x, SD2.x, SDXL, SD3.x, Flux.1, Chroma, Qwen-Image or Flux.2 model.",
         )
     if layout.name == "SD3.x":  # an SD3 encoder loaded without CLIP or without T5 gives no columns for it
         model = clip.cond_stage_model
@@ -122,19 +150,6 @@ def _chunks(tokenizer: Any, chunks: list[list[tuple]]) -> list[Chunk]:
     return out
 
 
-def _after_chat_template(tokenizer: Any, chunk: Chunk) -> Chunk:
-    """Qwen-Image's encoder keeps the tokens from the template's user turn on: from the second
-    ``<|im_start|>``, and past ``user`` and a newline right after it (as ComfyUI's QwenImageTEModel)."""
-    hf = tokenizer.tokenizer
-    im_start = hf.convert_tokens_to_ids("<|im_start|>")
-    user, newline = hf.encode("user"), hf.encode("\n")
-    starts = [i for i, (key, _, _) in enumerate(chunk) if key == im_start][:2]
-    end = starts[-1] if starts else 0
-    if len(chunk) > end + 3 and [chunk[end + 1][0]] == user and [chunk[end + 2][0]] == newline:
-        end += 3
-    return chunk[end:]
-
-
 def prompt_tokens(clip: Any, text: str, tokens: dict | None = None) -> PromptTokens:
     """The prompt's tokens in the model's conditioning columns (weights and embeddings parsed)."""
     tokens = clip.tokenize(text) if tokens is None else tokens
@@ -143,10 +158,10 @@ def prompt_tokens(clip: Any, text: str, tokens: dict | None = None) -> PromptTok
     for key in layout.segments:
         tokenizer = _tokenizer(clip, key)
         chunks = _chunks(tokenizer, tokens[key])
-        if layout.chat_template:
-            chunks = [_after_chat_template(tokenizer, chunk) for chunk in chunks]
+        if layout.template is not None:
+            chunks = [layout.template(tokenizer, chunk) for chunk in chunks]
         segments.append(chunks)
-    # ComfyUI wraps a text in Qwen-Image's template; the words are the user's text alone.
+    # ComfyUI wraps a text in Qwen-Image's and Flux.2's templates; the words are the user's text alone.
     return build_prompt_tokens(text, typed_words(text, layout.weights), segments)
 
 
@@ -160,6 +175,6 @@ def encode_prompt(clip: Any, text: str) -> tuple[PromptTokens, torch.Tensor, dic
             CONTROLLER,
             "clip",
             f"this text encoder gives {cond.shape[1]} conditioning columns for {len(prompt)} tokens of {text!r}.",
-            "use the text encoder of an SD1.x, SD2.x, SDXL, SD3.x, Flux.1, Chroma or Qwen-Image model.",
+            "use the text encoder of an SD1.x, SD2.x, SDXL, SD3.x, Flux.1, Chroma, Qwen-Image or Flux.2 model.",
         )
     return prompt, cond, extras

