@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..p2p_attention.edits import word_list
 from ..p2p_attention.errors import P2PError
-from ..p2p_attention.tokens import PAD
+from ..p2p_attention.tokens import PAD, START
 from .blend_nodes import RUN_INPUTS, find_run
 
 NODE_NAME = "P2P Attention Maps"
@@ -22,9 +22,13 @@ RAMP = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [25
 
 
 def token_maps(maps: torch.Tensor, tokens: Any, words: list[str]) -> list[tuple[str, torch.Tensor]]:
-    """(label, map ``[h, w]``) per tile: every non-padding token, or each chosen word (its tokens summed)."""
+    """(label, map ``[h, w]``) per tile: every token but padding and a template's run of start tokens
+    after its first (Flux.2's system prompt: 31 tokens that spell no word), or each chosen word (its
+    tokens summed)."""
     if not words:
-        return [(t.text or "<emb>", maps[i]) for i, t in enumerate(tokens.tokens) if t.role != PAD]
+        previous = [None] + [t.role for t in tokens.tokens[:-1]]
+        return [(t.text or "<emb>", maps[i]) for i, (t, before) in enumerate(zip(tokens.tokens, previous))
+                if t.role != PAD and not (t.role == START and before == START)]
     tiles = []
     for word in words:
         positions = tokens.find(word)
@@ -113,7 +117,7 @@ class P2PAttentionMaps:
                 **RUN_INPUTS,
                 "words": (
                     "STRING",
-                    {"multiline": False, "default": "", "tooltip": "Words to show, comma separated (a word's tokens summed); empty shows every token but padding."},
+                    {"multiline": False, "default": "", "tooltip": "Words to show, comma separated (a word's tokens summed); empty shows every token but padding (of a template, its first token only)."},
                 ),
                 "resolution": (
                     list(RESOLUTIONS),

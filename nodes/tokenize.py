@@ -130,9 +130,9 @@ def _tokenizer(clip: Any, key: str) -> Any:
 
 
 def _chunks(tokenizer: Any, chunks: list[list[tuple]]) -> list[Chunk]:
-    """(key, decoded text, special) per token: start, end and the tokenizer's special tokens are
-    special, and so is everything after a chunk's end token (padding); an embedding vector's text
-    is None."""
+    """(key, text, special) per token: start, end and the tokenizer's special tokens are special (their
+    text is their name), and so is everything after a chunk's end token (padding); a word token's
+    text is its decoding, an embedding vector's None."""
     hf = tokenizer.tokenizer
     special_ids = set(getattr(hf, "all_special_ids", ())) | {tokenizer.start_token, tokenizer.end_token}
     out = []
@@ -145,7 +145,8 @@ def _chunks(tokenizer: Any, chunks: list[list[tuple]]) -> list[Chunk]:
                 continue
             special = ended or int(token) in special_ids
             ended |= tokenizer.end_token is not None and int(token) == tokenizer.end_token
-            labelled.append((int(token), "" if special else hf.decode([int(token)]), special))
+            # A special token is labelled with its name ("<|startoftext|>", "</s>"); it spells no word.
+            labelled.append((int(token), hf.convert_ids_to_tokens(int(token)) if special else hf.decode([int(token)]), special))
         out.append(labelled)
     return out
 

@@ -51,6 +51,7 @@ def test_the_grid_shows_each_token_normalised(host, edited_run):
     tokens = controller_of(host, patched).plan.source
     shown = [t for t in tokens.tokens if t.role != "pad"]
     assert len(shown) == 10  # start, 8 words, end
+    assert [t.text for t in shown] == ["<|startoftext|>", *PROMPT.split(), "<|endoftext|>"]
     columns = min(maps_node.COLUMNS, len(shown))
     rows = -(-len(shown) // columns)
     assert grids.shape == (2, maps_node.LABEL + rows * (maps_node.TILE + maps_node.LABEL), columns * maps_node.TILE, 3)

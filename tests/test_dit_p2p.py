@@ -129,6 +129,19 @@ def test_blend_keeps_the_outside_exactly(host, load_tiny_dit, kind):
     assert not torch.allclose(out[1][~outside], out[0][~outside], atol=1e-4)
 
 
+def test_flux2_maps_show_the_prompt_and_not_its_system_prompt(host, load_tiny_dit):
+    """Flux.2 attends to its whole template; P2P Attention Maps shows its first token, the prompt's
+    words and the end of the instruction, not the 28 tokens of the system prompt."""
+    model, clip, _ = load_tiny_dit("flux2")
+    patched, _ = run(host, "flux2", model, clip, swap(host, PROMPT, TARGET), 0.8, 0.4, steps=2)
+    controller = controller_of(host, patched)
+    source = controller.plan.source
+    assert sum(t.role == "start" for t in source.tokens) == 32  # <s>, [SYSTEM_PROMPT], 28 tokens, [/SYSTEM_PROMPT], [INST]
+    maps = controller.maps.runs[-1].mean(1)[0]
+    labels = [label for label, _ in host.pack.nodes.maps_node.token_maps(maps, source, [])]
+    assert labels == ["<s>", *PROMPT.split(), "[/INST]"]
+
+
 class TemperatureOverride:
     """Another pack's attention override (as SageAttention nodes set one): sharper attention."""
 
