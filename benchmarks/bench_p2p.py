@@ -1,9 +1,10 @@
 """P2P edit versus plain generation: time and peak-memory ratios, measured in one run.
 
-    .venv/bin/python benchmarks/bench_p2p.py                    # SD1.5 at 512, SDXL, Flux.1 dev and SD3.5 at 1024
+    .venv/bin/python benchmarks/bench_p2p.py                    # SD1.5 at 512, SDXL, Flux.1 dev, Flux.2 dev and SD3.5 at 1024
     .venv/bin/python benchmarks/bench_p2p.py --model sd15 --width 320 --steps 20   # full width (GPU)
     .venv/bin/python benchmarks/bench_p2p.py --model flux --width 3072 --steps 20  # Flux.1 dev's full size (GPU)
     .venv/bin/python benchmarks/bench_p2p.py --model sd35 --width 1536 --steps 20  # SD3.5 Medium's full size (GPU)
+    .venv/bin/python benchmarks/bench_p2p.py --model flux2 --width 3072 --steps 20 # Flux.2 dev's layout at half width (GPU)
 
 Every side samples the same latent size, steps, sampler and cfg: the plain side a batch of two
 images of one prompt (stock nodes only); "p2p" a one-target word swap (source + edit: two images),
@@ -13,10 +14,11 @@ swap with a local blend on the swapped words. The UNets are
 ComfyUI's real SD1.5 / SDXL architectures with random weights at the full layout and spatial size;
 ``--width`` sets model_channels (320 is the real width; the CPU default is narrower so that a run
 takes minutes). The DiTs are ComfyUI's Flux.1 dev (guidance-distilled: cfg 1, no unconditional
-branch) and SD3.5 Medium (MMDiT-X, cfg 4.5) at 1024x1024 (a 64x64 token grid after the text);
-``--width`` sets the hidden size (Flux.1: 3072 in 24 heads of 128; SD3.5 Medium: 1536), and the
-depth follows it as MMDiT's own rule does (SD3: ``width / 64`` joint blocks, the first half with
-MMDiT-X's second attention; Flux.1: its 19 double and 38 single blocks scaled by ``width / 3072``),
+branch), Flux.2 dev (likewise; 512 text columns, the model's left padding) and SD3.5 Medium (MMDiT-X,
+cfg 4.5) at 1024x1024 (a 64x64 token grid after the text); ``--width`` sets the hidden size (Flux.1:
+3072 in 24 heads of 128; Flux.2: 6144 in 48; SD3.5 Medium: 1536), and the depth follows it as
+MMDiT's own rule does (SD3: ``width / 64`` joint blocks, the first half with MMDiT-X's second
+attention; Flux.1: its 19 double and 38 single blocks scaled by ``width / 3072``, Flux.2 its 8 and 48),
 so the CPU default is a shallow, narrow model with the real head size, token counts and attention
 layout. The text encoder is the tests' tiny one (for the DiTs, the one of tests/tiny_dit_models.py,
 whose T5 gives SD3.5's conditioning its real 4096 columns): its width only sizes the key/value
@@ -61,22 +63,25 @@ LAYOUTS = {
     # DiTs: the tiny kind whose text encoder they use, the full width, and the sampling settings.
     "flux": {"kind": "flux_dev", "size": 1024, "full_width": 3072, "cpu_width": 256, "cfg": 1.0, "scheduler": "simple"},
     "sd35": {"kind": "sd35", "size": 1024, "full_width": 1536, "cpu_width": 256, "cfg": 4.5, "scheduler": "sgm_uniform"},
+    # Flux.2 dev at full width is 32B parameters (64 GB in float16): a GPU runs it at half width unless told.
+    "flux2": {"kind": "flux2", "size": 1024, "full_width": 6144, "gpu_width": 3072, "cpu_width": 256, "cfg": 1.0, "scheduler": "simple"},
 }
 UNET_CFG, UNET_WIDTHS = 7.5, (64, 320)  # cfg; model_channels on a CPU, on a GPU (the real width)
-FLUX_HEAD, FLUX_BLOCKS = 128, (19, 38)  # Flux.1's head size, double and single blocks at its full width
+FLUX_HEAD = 128  # Flux.1's and Flux.2's head size
+FLUX_BLOCKS = {"flux": (19, 38), "flux2": (8, 48)}  # double and single blocks at the full width
 
 
 def dit_config(name: str, width: int) -> object:
-    """ComfyUI's model config of the Flux.1 dev or SD3.5 Medium layout at ``width`` (see the module
-    docstring), with the tiny text encoders' widths."""
+    """ComfyUI's model config of the Flux.1 dev, Flux.2 dev or SD3.5 Medium layout at ``width`` (see
+    the module docstring), with the tiny text encoders' widths."""
     import comfy.supported_models
     import tiny_dit_models
 
     detected = tiny_dit_models.DETECTED[LAYOUTS[name]["kind"]]
-    if name == "flux":
-        double, single = (max(1, round(blocks * width / LAYOUTS[name]["full_width"])) for blocks in FLUX_BLOCKS)
+    if name in FLUX_BLOCKS:
+        double, single = (max(1, round(blocks * width / LAYOUTS[name]["full_width"])) for blocks in FLUX_BLOCKS[name])
         unet = dict(detected, hidden_size=width, num_heads=width // FLUX_HEAD, depth=double, depth_single_blocks=single)
-        return comfy.supported_models.Flux(unet)
+        return getattr(comfy.supported_models, tiny_dit_models.REAL_CONFIGS[LAYOUTS[name]["kind"]])(unet)
     depth = width // 64
     embedder = detected["context_embedder_config"]
     unet = dict(detected, depth=depth, x_block_self_attn_layers=list(range(depth // 2 + 1)),
@@ -142,15 +147,21 @@ def run_model(model_name: str, width: int, steps: int, repeats: int, measure: st
     edits = host.pack.p2p_attention.edits
     runs = {}
     cfg, scheduler = layout.get("cfg", UNET_CFG), layout.get("scheduler", "normal")
-    empty = nodes.NODE_CLASS_MAPPINGS["EmptySD3LatentImage" if dit else "EmptyLatentImage"]()
+    empty_node = nodes.NODE_CLASS_MAPPINGS["EmptyFlux2LatentImage" if model_name == "flux2" else "EmptySD3LatentImage" if dit else "EmptyLatentImage"]
+
+    def empty(batch: int) -> dict:
+        """The stock empty latent (EmptyFlux2LatentImage is a V3 node: execute, not generate)."""
+        made = empty_node.execute(size, size, batch) if model_name == "flux2" else empty_node().generate(size, size, batch)
+        return made[0]
+
     with torch.inference_mode():
         negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
         positive = nodes.CLIPTextEncode().encode(clip, SOURCE)[0]
-        runs["plain"] = (model, positive, empty.generate(size, size, 2)[0])
+        runs["plain"] = (model, positive, empty(2))
         swap = edits.add_target(None, SOURCE, TARGET, edits.WORD_SWAP, "P2P Word Swap")
         blend = edits.local_blend(swap, "cat", "dog", "", 0.3, 0.2, None, edits.UNION, "P2P Local Blend")
         for mode, edit in (("p2p", swap), ("p2p+blend", blend)):
-            latent = empty.generate(size, size, 1)[0]
+            latent = empty(1)
             runs[mode] = host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(model, clip, edit, latent, 0.8, 0.4)
 
     def sample(mode: str) -> None:
@@ -217,7 +228,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(LAYOUTS), nargs="*", default=sorted(LAYOUTS))
     parser.add_argument("--width", type=int, default=None, help="UNets: model_channels (320 = real; default 64 on CPU, 320 on GPU); "
-                        "DiTs: hidden size (Flux.1 3072, SD3.5 Medium 1536 = real and the GPU default; 256 on CPU)")
+                        "DiTs: hidden size (Flux.1 3072, SD3.5 Medium 1536 = real and the GPU default; Flux.2 6144 real, "
+                        "3072 on a GPU; 256 on CPU)")
     parser.add_argument("--steps", type=int, default=None, help="default 2 on CPU, 20 on GPU")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", metavar="MODEL", help=argparse.SUPPRESS)
@@ -230,7 +242,7 @@ def main() -> None:
 
     def width_of(name: str) -> int:
         layout = LAYOUTS[name]
-        full, cpu = (layout["full_width"], layout["cpu_width"]) if "full_width" in layout else (UNET_WIDTHS[1], UNET_WIDTHS[0])
+        full, cpu = (layout.get("gpu_width", layout["full_width"]), layout["cpu_width"]) if "full_width" in layout else (UNET_WIDTHS[1], UNET_WIDTHS[0])
         return args.width or (full if gpu else cpu)
 
     if args.one:
