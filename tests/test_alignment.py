@@ -150,7 +150,7 @@ def test_tiling_to_a_common_length_preserves_attention_mass(p2p, tokens):
     assert float(m[1, 1]) == 1.0 and float(m[78, 1]) == 1.0
 
 
-def test_padding_places_each_segment_at_the_start_of_its_slot(p2p, tokens):
+def test_padding_places_each_segment_at_the_start_or_the_end_of_its_slot(p2p, tokens):
     source, target = tokens("a cat"), tokens(" ".join(["a cat"] + ["big", "red", "house"] * 30))
     lengths = p2p.columns.common_lengths([source, target])
     assert lengths == [154]
@@ -158,6 +158,11 @@ def test_padding_places_each_segment_at_the_start_of_its_slot(p2p, tokens):
     assert short.padding.tolist() == [False] * 77 + [True] * 77
     values = torch.arange(77.0)
     assert torch.equal(short.gather(short.spread(values, 0.0)), values)
+    # Left padding (Flux.2's): the prompt at the end of its slot, its tokens in order.
+    right = p2p.columns.padded(source, lengths, at_end=True)
+    assert right.padding.tolist() == [True] * 77 + [False] * 77
+    assert right.index.tolist() == list(range(77, 154))
+    assert torch.equal(right.gather(right.spread(values, 0.0)), values)
 
 
 def test_find_matches_whole_words_only(tokens):
