@@ -38,17 +38,20 @@ LEFT_PADDING_CLASSES = ("Flux2",)
 LAYOUT_KEY = "p2p_token_layout"  # transformer_options entry the wrapper sets for the override
 
 
+def _is_one_of(model: Any, names: tuple[str, ...]) -> bool:
+    """Whether the model is an instance of one of these ``comfy.model_base`` classes (a host without
+    one has none of its models)."""
+    classes = [getattr(comfy.model_base, n, None) for n in names]
+    return any(c is not None and isinstance(model.model, c) for c in classes)
+
+
 def model_family(model: Any) -> str:
     """UNET or DIT; an error naming the model and the supported families otherwise."""
     unet = getattr(model.model, "diffusion_model", None)
     if hasattr(unet, "input_blocks") and hasattr(unet, "output_blocks"):
         return UNET
     name = type(model.model).__name__
-    classes = [getattr(comfy.model_base, n, None) for n in DIT_CLASSES]
-    excluded = [getattr(comfy.model_base, n, None) for n in UNSUPPORTED_SUBCLASSES]
-    if any(c is not None and isinstance(model.model, c) for c in excluded) or not any(
-        c is not None and isinstance(model.model, c) for c in classes
-    ):
+    if _is_one_of(model, UNSUPPORTED_SUBCLASSES) or not _is_one_of(model, DIT_CLASSES):
         raise P2PError(
             CONTROLLER,
             "model",
@@ -63,8 +66,7 @@ def layout_of(model: Any) -> str:
     """How the prompts of one batch share columns (see p2p_attention/columns.py)."""
     if model_family(model) == UNET:
         return TILED
-    left = [getattr(comfy.model_base, n, None) for n in LEFT_PADDING_CLASSES]
-    return LEFT_PADDED if any(c is not None and isinstance(model.model, c) for c in left) else PADDED
+    return LEFT_PADDED if _is_one_of(model, LEFT_PADDING_CLASSES) else PADDED
 
 
 def transformer_blocks(model: Any) -> dict[Site, Any]:

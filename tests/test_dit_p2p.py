@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import tiny_dit_models
 from p2p_helpers import MapRecorder, assert_same, controller_of, edits, p2p, plain, refine, reweight, sample, swap
 
 KINDS = ("flux_dev", "flux_schnell", "chroma", "sd35", "qwen_image", "flux2")
@@ -25,7 +26,7 @@ SIZE = 64
 
 def guidance(kind: str) -> dict:
     """Flux.1 dev and Flux.2 are guidance-distilled: cfg 1, no unconditional branch; the others use cfg 3."""
-    return {"cfg": 1.0 if kind in ("flux_dev", "flux2") else 3.0}
+    return {"cfg": 1.0 if kind in tiny_dit_models.DISTILLED else 3.0}
 
 
 @pytest.fixture(params=KINDS)

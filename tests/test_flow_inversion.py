@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+import tiny_dit_models
 from p2p_helpers import assert_same, image_latent, psnr, smooth, swap
 
 PROMPT = "a photo of a cat riding a bicycle"
@@ -21,7 +22,6 @@ NEGATIVE = "blurry, low quality"
 SCHEDULER = "simple"  # the flow models' usual schedule (sigma 1 down to 0)
 STEPS = 8
 USUAL_CFG = {"flux_dev": 1.0, "sd35": 4.5, "chroma": 4.0, "qwen_image": 4.0, "flux2": 1.0}
-DISTILLED = ("flux_dev", "flux2")  # sampled at cfg 1 with FluxGuidance
 FLUX_GUIDANCE = 3.5
 EXACT_DB = 60.0
 
@@ -44,7 +44,7 @@ def conditioning(host: Any, kind: str, clip: Any, text: str) -> list:
     """CLIP Text Encode; for Flux.1 dev and Flux.2 then FluxGuidance, as their workflows do."""
     with torch.inference_mode():
         cond = host.nodes.CLIPTextEncode().encode(clip, text)[0]
-        if kind in DISTILLED:
+        if kind in tiny_dit_models.DISTILLED:
             cond = host.nodes.NODE_CLASS_MAPPINGS["FluxGuidance"].execute(cond, FLUX_GUIDANCE)[0]
     return cond
 
@@ -66,7 +66,7 @@ def sample_back(host: Any, kind: str, model: Any, clip: Any, latent: dict, sampl
         patched, positive, batch = host.pack.NODE_CLASS_MAPPINGS["P2PController"]().apply(
             model, clip, edit or swap(host, PROMPT, PROMPT), latent, 0.8, 0.4
         )
-        if kind in DISTILLED:
+        if kind in tiny_dit_models.DISTILLED:
             positive = nodes["FluxGuidance"].execute(positive, FLUX_GUIDANCE)[0]
         sigmas = nodes["BasicScheduler"]().get_sigmas(patched, SCHEDULER, steps, 1.0)[0]
         negative = conditioning(host, kind, clip, NEGATIVE)

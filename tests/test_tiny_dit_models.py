@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import tiny_dit_models
+from p2p_helpers import empty_latent
 
 KINDS = tiny_dit_models.KINDS
 PROMPT, EDITED = "a photo of a cat", "a photo of a dog"  # one word apart
 SIZE = 128  # pixels: a 16x16 latent, 8x8 = 64 image tokens (patch 2; Flux.2: an 8x8 latent, patch 1)
 IMAGE_TOKENS = (SIZE // 16) ** 2
-DISTILLED = ("flux_dev", "flux2")  # guidance-distilled: sampled at cfg 1 with FluxGuidance
 
 EXPECTED: dict[str, dict[str, Any]] = {
     # model_base class, diffusion model, VAE, latent format, tokens (key -> length) and conditioning
@@ -47,10 +47,11 @@ def latent_of(kind: str) -> dict[str, Any]:
     return EXPECTED[kind].get("latent", LATENT)
 
 
-def empty_latent(kind: str) -> torch.Tensor:
-    """An empty image latent for the model, as the stock nodes make it (Flux.2's: 128 channels at 1/16)."""
+def expected_latent_shape(kind: str) -> tuple[int, ...]:
+    """An image latent's shape for the model, as the stock empty-latent nodes make it (Flux.2's: 128
+    channels at 1/16)."""
     latent = latent_of(kind)
-    return torch.zeros(1, latent["channels"], SIZE // latent["downscale"], SIZE // latent["downscale"])
+    return (1, latent["channels"], SIZE // latent["downscale"], SIZE // latent["downscale"])
 MAX_FILE_BYTES = 24e6
 
 # Attention thresholds. Measured with seed 0 (peaked / the usual initialisation), over every joint
@@ -79,7 +80,7 @@ def _sampling_prompt(kind: str, name: str, seed: int) -> dict:
     """Stock nodes, API format: load, encode, sample SIZE x SIZE in 4 steps, decode, capture.
 
     Flux.1-dev and Flux.2 are guidance-distilled: cfg 1 with FluxGuidance; the others cfg 3 with a negative."""
-    distilled = kind in DISTILLED
+    distilled = kind in tiny_dit_models.DISTILLED
     positive = ["guided", 0] if distilled else ["positive", 0]
     prompt = {
         "load": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": name}},
@@ -109,7 +110,7 @@ def test_stock_pipeline_is_deterministic(host: Any, tiny_dit_checkpoint: Any, ca
         runs.append({key: captured[key]["samples"] if key == "latent" else captured[key] for key in ("latent", "image")})
     first, again, other = runs
     decoded = latent_of(kind)["decoded"]
-    shape = empty_latent(kind).shape
+    shape = expected_latent_shape(kind)
     assert first["latent"].shape == (shape[:2] + (1,) + shape[2:] if kind == "qwen_image" else shape)  # Qwen-Image's are 5-D
     assert first["image"].shape == (1, decoded, decoded, 3)
     assert torch.isfinite(first["latent"]).all() and first["latent"].std() > 0.1
@@ -237,7 +238,7 @@ def attention_statistics(host: Any, model: Any, clip: Any, kind: str) -> dict[st
     recorder = TextAttention(IMAGE_TOKENS)
     patched = model.clone()
     patched.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = recorder
-    _sample(host, patched, clip, kind, PROMPT)
+    _sample(host, patched, clip, PROMPT)
     text = EXPECTED[kind]["cond"][1]
     maps = torch.cat([m.flatten(0, 1)[..., -text:] for m in recorder.maps])  # [calls * B * heads, queries, text]
     maps = maps / maps.sum(-1, keepdim=True)
@@ -251,7 +252,7 @@ def attention_statistics(host: Any, model: Any, clip: Any, kind: str) -> dict[st
     }
 
 
-def _sample(host: Any, model: Any, clip: Any, kind: str, text: str, pooled_from: str | None = None) -> torch.Tensor:
+def _sample(host: Any, model: Any, clip: Any, text: str, pooled_from: str | None = None) -> torch.Tensor:
     """Stock encode + KSampler at cfg 1 (4 steps, seed 3); ``pooled_from`` encodes the pooled vector
     from another prompt, so that only the attended tokens differ."""
     nodes = host.nodes
@@ -260,14 +261,14 @@ def _sample(host: Any, model: Any, clip: Any, kind: str, text: str, pooled_from:
         if pooled_from is not None:
             pooled = nodes.CLIPTextEncode().encode(clip, pooled_from)[0][0][1].get("pooled_output")
             cond = [[cond[0][0], {**cond[0][1], "pooled_output": pooled}]]
-        latent = {"samples": empty_latent(kind)}
+        latent = empty_latent(model, SIZE)
         return nodes.KSampler().sample(model, 3, 4, 1.0, "euler", "simple", cond, cond, latent)[0]["samples"]
 
 
-def _edit_change(host: Any, model: Any, clip: Any, kind: str) -> float:
+def _edit_change(host: Any, model: Any, clip: Any) -> float:
     """Relative change of the sampled latent when one word changes, through the attention alone."""
-    plain = _sample(host, model, clip, kind, PROMPT)
-    edited = _sample(host, model, clip, kind, EDITED, pooled_from=PROMPT)
+    plain = _sample(host, model, clip, PROMPT)
+    edited = _sample(host, model, clip, EDITED, pooled_from=PROMPT)
     return float((plain - edited).abs().mean() / plain.abs().mean())
 
 
@@ -281,9 +282,9 @@ def test_attention_is_peaked_and_text_matters(host: Any, load_tiny_dit: Any, kin
     # over the image, as P2P's word maps must.
     assert stats["word_share"] > 0.5, stats
     assert stats["word_map_variation"] > MIN_WORD_MAP_VARIATION, stats
-    assert _edit_change(host, model, clip, kind) > MIN_EDIT_CHANGE
+    assert _edit_change(host, model, clip) > MIN_EDIT_CHANGE
     # The stock path too, where Flux and SD3 also get the edited prompt's pooled vector.
-    plain, edited = _sample(host, model, clip, kind, PROMPT), _sample(host, model, clip, kind, EDITED)
+    plain, edited = _sample(host, model, clip, PROMPT), _sample(host, model, clip, EDITED)
     assert (plain - edited).abs().mean() > MIN_EDIT_CHANGE * plain.abs().mean()
 
 
@@ -296,7 +297,7 @@ def test_usual_initialisation_fails_the_attention_checks(host: Any, load_tiny_di
     assert stats["entropy"] > MAX_ENTROPY, stats
     assert stats["peak"] < MIN_PEAK, stats
     assert stats["word_map_variation"] < MIN_WORD_MAP_VARIATION, stats
-    assert _edit_change(host, model, clip, kind) < MIN_EDIT_CHANGE
+    assert _edit_change(host, model, clip) < MIN_EDIT_CHANGE
 
 
 # What detection reads from the real checkpoints (their weight shapes): Flux.1-dev / schnell and Chroma
@@ -399,7 +400,7 @@ def test_joint_attention_calls(host: Any, load_tiny_dit: Any, kind: str) -> None
     nodes = host.nodes
     with torch.inference_mode():
         cond = nodes.CLIPTextEncode().encode(clip, PROMPT)[0]
-        latent = {"samples": empty_latent(kind)}
+        latent = empty_latent(model, SIZE)
         nodes.KSampler().sample(patched, 0, 1, 1.0, "euler", "simple", cond, cond, latent)
     assert calls == _calls(kind)
     assert inputs == [EXPECTED[kind]["inputs"]]

@@ -179,6 +179,8 @@ _MATCHED = {
     "flux2": ("in_channels", "hidden_size", "context_in_dim", "depth", "depth_single_blocks"),
 }
 WAN_VAE_DIM = 8  # the real Wan 2.1 VAE is 96 wide
+# Guidance-distilled kinds (a guidance embedding): sampled at cfg 1 with FluxGuidance.
+DISTILLED = tuple(kind for kind in KINDS if DETECTED[kind].get("guidance_embed"))
 
 _REGISTERED: dict[str, type] = {}
 
