@@ -145,12 +145,11 @@ class P2PController:
             raise P2PError(CONTROLLER, "self_replace_resolution", f"{self_replace_resolution!r} is not one of {list(SELF_REPLACE_DOWNSCALES)}.",
                            "pick one of the listed choices.")
         check_inverted_latent(model, latent)
-        layout = layout_of(model)
         prompts = [p2p_edit.source] + [t.prompt for t in p2p_edit.targets]
         encoded = {text: encode_prompt(clip, text) for text in prompts}
         plan = build_plan(p2p_edit, lambda text: encoded[text][0], cross_replace_steps, self_replace_steps, words,
                           SELF_REPLACE_DOWNSCALES[self_replace_resolution])
-        controller = Controller(plan, percent_to_sigma(model), layout)
+        controller = Controller(plan, percent_to_sigma(model), *layout_of(model))
         width = controller.columns_width or math.lcm(*(len(encoded[t][0]) for t in prompts))
         columns = controller.prompt_columns(width)
         positive = batched_conditioning([encoded[t][1] for t in prompts], [encoded[t][2] for t in prompts], columns, controller.key)

@@ -23,7 +23,7 @@ import comfy.model_base
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..p2p_attention.attention import heads_first, merge_heads
-from ..p2p_attention.controller import CONTROLLER, LEFT_PADDED, PADDED, TILED, AttentionCall, P2PController
+from ..p2p_attention.controller import CONTROLLER, PADDED, TILED, AttentionCall, P2PController
 from ..p2p_attention.errors import P2PError
 from .host import model_sampling
 
@@ -33,8 +33,9 @@ UNET, DIT = "unet", "dit"
 UNSUPPORTED_SUBCLASSES = ("ChromaRadiance",)
 DIT_CLASSES = ("Flux", "Chroma", "SD3", "QwenImage", "Flux2")  # Chroma and Flux2 are Flux subclasses; listed for messages
 SUPPORTED = "SD1.x, SD2.x, SDXL, Flux.1 (dev, schnell), Chroma, SD3/SD3.5, Qwen-Image or Flux.2"
-# model_base.Flux2.extra_conds pads the text on the left with zeros, which the model attends to.
-LEFT_PADDING_CLASSES = ("Flux2",)
+# model_base.Flux2.extra_conds pads a text shorter than 512 tokens on the left with zeros, which the
+# model attends to (v0.3.75; a literal there, not an attribute).
+FLUX2_TEXT_LENGTH = 512
 LAYOUT_KEY = "p2p_token_layout"  # transformer_options entry the wrapper sets for the override
 
 
@@ -62,11 +63,12 @@ def model_family(model: Any) -> str:
     return DIT
 
 
-def layout_of(model: Any) -> str:
-    """How the prompts of one batch share columns (see p2p_attention/columns.py)."""
+def layout_of(model: Any) -> tuple[str, int]:
+    """How the prompts of one batch share columns, and the length to which the model pads a shorter
+    text itself (0: it does not; see p2p_attention/columns.py)."""
     if model_family(model) == UNET:
-        return TILED
-    return LEFT_PADDED if _is_one_of(model, LEFT_PADDING_CLASSES) else PADDED
+        return TILED, 0
+    return PADDED, FLUX2_TEXT_LENGTH if _is_one_of(model, ("Flux2",)) else 0
 
 
 def transformer_blocks(model: Any) -> dict[Site, Any]:

@@ -8,9 +8,9 @@ The prompts of one P2P batch share one conditioning, so they must have one lengt
 - ``padded``: joint attention (DiT models) attends over text and image keys together, where
   repeating text keys would change the text's share; each segment of a shorter prompt is padded
   instead, and the padding columns are masked out of every attention call (``Columns.padding``).
-- ``left-padded``: a model that pads its text itself, on the left with zeros that it attends to
-  (Flux.2 pads to 512 tokens): a shorter prompt is padded the same way, so it sits in the columns it
-  has alone and its padding is what the model gives it alone, attended, never masked.
+  A model that pads a shorter text itself, on the left with zeros that it attends to (Flux.2 pads to
+  512 tokens), gets each prompt as it pads it alone: after the same zeros, so at the same positions,
+  and only the columns past those are masked.
 """
 from __future__ import annotations
 
@@ -25,17 +25,21 @@ from .tokens import PromptTokens
 @dataclass(frozen=True)
 class Columns:
     """A prompt's ``index.numel()`` tokens among ``count`` columns: token ``t`` in columns
-    ``index[t] + j * period`` for ``j < copies``; the other columns are padding."""
+    ``index[t] + j * period`` for ``j < copies``; of the other columns, the first ``own_padding`` hold
+    the zeros the model itself puts before the prompt, the rest are padding."""
 
     index: torch.Tensor  # [tokens], long
     copies: int
     period: int
     count: int
+    own_padding: int = 0
 
     @property
     def padding(self) -> torch.Tensor:
-        """[count] bool: the columns that hold none of the prompt's tokens."""
+        """[count] bool: the columns to mask: they hold none of the prompt's tokens, nor the model's
+        own padding."""
         held = torch.zeros(self.count, dtype=torch.bool, device=self.index.device)
+        held[: self.own_padding] = True
         held[self.spread_index] = True
         return ~held
 
@@ -78,14 +82,21 @@ def tiled(tokens: int, count: int) -> Columns:
     return Columns(index=torch.arange(tokens), copies=count // tokens, period=tokens, count=count)
 
 
-def padded(prompt: PromptTokens, lengths: list[int], at_end: bool = False) -> Columns:
-    """Each segment of the prompt at the start of its slot of ``lengths[i]`` columns (``at_end``: at
-    its end, the padding before it)."""
+def padded(prompt: PromptTokens, lengths: list[int], pads_to: int = 0) -> Columns:
+    """Each segment of the prompt at the start of its slot of ``lengths[i]`` columns.
+
+    ``pads_to``: the model puts zeros before a text shorter than this itself, and attends to them
+    (Flux.2: 512; its text is one segment). The prompt then follows the zeros it gets alone: at the end
+    of a slot up to ``pads_to`` long (the model adds the rest), and at ``pads_to`` in a longer one.
+    """
     if len(lengths) != len(prompt.segments) or any(s.length > n for s, n in zip(prompt.segments, lengths)):
         raise ValueError(f"segments {[s.length for s in prompt.segments]} do not fit slots {lengths}")
-    offsets = [sum(lengths[:i]) + (n - s.length if at_end else 0) for i, (s, n) in enumerate(zip(prompt.segments, lengths))]
+    if pads_to and len(lengths) != 1:
+        raise ValueError(f"a model's own padding before {len(lengths)} segments")
+    leads = [max(0, min(n, pads_to) - s.length) for s, n in zip(prompt.segments, lengths)]
+    offsets = [sum(lengths[:i]) + lead for i, lead in enumerate(leads)]
     index = torch.cat([offset + torch.arange(s.length) for s, offset in zip(prompt.segments, offsets)])
-    return Columns(index=index, copies=1, period=sum(lengths), count=sum(lengths))
+    return Columns(index=index, copies=1, period=sum(lengths), count=sum(lengths), own_padding=leads[0])
 
 
 def common_lengths(prompts: list[PromptTokens]) -> list[int]:

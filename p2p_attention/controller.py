@@ -39,7 +39,7 @@ DEFAULT_SELF_REPLACE = "1/2 and coarser"
 # stay below what the joint attention itself adds (Flux at 1024x1024: 4096 image queries).
 QUERY_BLOCK = 512
 NOISE_START = 0.001  # steps above this fraction's noise level start from pure noise (a run's first)
-TILED, PADDED, LEFT_PADDED = "tiled", "padded", "left-padded"  # how prompts of different lengths share columns: see columns.py
+TILED, PADDED = "tiled", "padded"  # how prompts of different lengths share columns: see columns.py
 
 
 @dataclass(frozen=True)
@@ -247,9 +247,11 @@ class P2PController:
         plan: EditPlan,
         percent_to_sigma: Callable[[float], float],
         layout: str = TILED,
+        text_pads_to: int = 0,
     ) -> None:
         self.plan = plan
         self.layout = layout
+        self.text_pads_to = text_pads_to  # the model's own left padding of its text (columns.padded)
         # Names what this controller made (its conditioning), through any copies on the way to the sampler.
         self.key = uuid.uuid4().hex
         self.images = 1 + len(plan.targets)
@@ -270,15 +272,15 @@ class P2PController:
     @property
     def columns_width(self) -> int | None:
         """The conditioning's width in the padded layouts (None when tiled: any common multiple)."""
-        return sum(common_lengths(self.plan.prompts)) if self.layout in (PADDED, LEFT_PADDED) else None
+        return sum(common_lengths(self.plan.prompts)) if self.layout == PADDED else None
 
     def prompt_columns(self, keys: int) -> list[Columns]:
         """Where each prompt's tokens sit among ``keys`` conditioning columns (source first)."""
         prompts = self.plan.prompts
-        if self.layout in (PADDED, LEFT_PADDED):
+        if self.layout == PADDED:
             lengths = common_lengths(prompts)
             if keys == sum(lengths):
-                return [padded(p, lengths, at_end=self.layout == LEFT_PADDED) for p in prompts]
+                return [padded(p, lengths, self.text_pads_to) for p in prompts]
         elif not any(keys % len(p) for p in prompts):
             return [tiled(len(p), keys) for p in prompts]
         raise P2PError(
@@ -295,8 +297,7 @@ class P2PController:
             images = self.prompt_columns(keys)
             source, targets = images[0], images[1:]
             spread = lambda values, cols, fill: cols.spread(values, fill)  # noqa: E731
-            # Masked in the padded layout only: left padding is the model's own (see columns.py).
-            padding = torch.stack([c.padding for c in images]) & (self.layout == PADDED)
+            padding = torch.stack([c.padding for c in images])
             cross_sigma = torch.stack([spread(s, c, 0.0) for s, c in zip(self._cross_sigma, targets)])
             matrix = torch.stack([map_on_columns(t.token_map.matrix, source, c) for t, c in zip(self.plan.targets, targets)])
             from_source = torch.stack([spread(t.token_map.from_source, c, False) for t, c in zip(self.plan.targets, targets)])
@@ -414,7 +415,7 @@ class P2PController:
                 # Handed over a block at a time: a recorder sums them where it keeps them, and no map
                 # of the whole call is formed.
                 per_image = [columns.gather(m) for columns, m in zip(on.images, recorded.mean(dim=1))]
-                if self.layout == LEFT_PADDED:  # the model's own padding holds the rest: maps over the prompt's tokens
+                if self.text_pads_to:  # the model's own padding holds the rest: maps over the prompt's tokens
                     per_image = [m / m.sum(dim=-1, keepdim=True) for m in per_image]
                 for recorder in self.recorders:
                     recorder.record(call, slice(block.start - call.queries.start, block.stop - call.queries.start), per_image)

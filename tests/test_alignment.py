@@ -150,7 +150,7 @@ def test_tiling_to_a_common_length_preserves_attention_mass(p2p, tokens):
     assert float(m[1, 1]) == 1.0 and float(m[78, 1]) == 1.0
 
 
-def test_padding_places_each_segment_at_the_start_or_the_end_of_its_slot(p2p, tokens):
+def test_padding_places_each_segment_where_the_model_has_it_alone(p2p, tokens):
     source, target = tokens("a cat"), tokens(" ".join(["a cat"] + ["big", "red", "house"] * 30))
     lengths = p2p.columns.common_lengths([source, target])
     assert lengths == [154]
@@ -158,11 +158,17 @@ def test_padding_places_each_segment_at_the_start_or_the_end_of_its_slot(p2p, to
     assert short.padding.tolist() == [False] * 77 + [True] * 77
     values = torch.arange(77.0)
     assert torch.equal(short.gather(short.spread(values, 0.0)), values)
-    # Left padding (Flux.2's): the prompt at the end of its slot, its tokens in order.
-    right = p2p.columns.padded(source, lengths, at_end=True)
-    assert right.padding.tolist() == [True] * 77 + [False] * 77
+    # A model's own left padding (Flux.2's, to 512): the prompt after it, its tokens in order, nothing
+    # masked while the slot is within that length (the model adds the rest) ...
+    right = p2p.columns.padded(source, lengths, pads_to=512)
+    assert right.own_padding == 77 and not right.padding.any()
     assert right.index.tolist() == list(range(77, 154))
     assert torch.equal(right.gather(right.spread(values, 0.0)), values)
+    # ... and past it, the prompt ends at that length and the columns after it are masked.
+    past = p2p.columns.padded(source, lengths, pads_to=100)
+    assert past.index.tolist() == list(range(23, 100))
+    assert past.padding.tolist() == [False] * 100 + [True] * 54
+    assert p2p.columns.padded(target, lengths, pads_to=100).own_padding == 0
 
 
 def test_find_matches_whole_words_only(tokens):

@@ -56,6 +56,16 @@ def test_zero_windows_are_plain_generations_of_each_prompt(host, dit):
     assert_same(out[1], plain(host, model, clip, LONG, size=SIZE, steps=3, **guidance(kind))[0])
 
 
+def test_flux2_prompts_past_its_512_tokens_are_plain_generations_of_each_prompt(host, load_tiny_dit):
+    """Flux.2 pads the text on the left to 512 tokens only where it is shorter: beside a prompt past
+    that, a short prompt keeps the model's zeros and positions it has alone, and the rest is masked."""
+    model, clip, _ = load_tiny_dit("flux2")
+    longest = PROMPT + " in a town" + ", and a red house" * 130  # with the template, past 512 tokens
+    _, out = run(host, "flux2", model, clip, refine(host, PROMPT, longest), 0.0, 0.0)
+    assert_same(out[0], plain(host, model, clip, PROMPT, size=SIZE, steps=3, **guidance("flux2"))[0])
+    assert_same(out[1], plain(host, model, clip, longest, size=SIZE, steps=3, **guidance("flux2"))[0])
+
+
 def test_a_swap_changes_the_target_and_keeps_its_composition(host, dit):
     kind, model, clip = dit
     _, out = run(host, kind, model, clip, swap(host, PROMPT, TARGET), 0.8, 0.4)
