@@ -61,7 +61,8 @@ def test_flux2_prompts_past_its_512_tokens_are_plain_generations_of_each_prompt(
     that, a short prompt keeps the model's zeros and positions it has alone, and the rest is masked."""
     model, clip, _ = load_tiny_dit("flux2")
     longest = PROMPT + " in a town" + ", and a red house" * 130  # with the template, past 512 tokens
-    _, out = run(host, "flux2", model, clip, refine(host, PROMPT, longest), 0.0, 0.0)
+    patched, out = run(host, "flux2", model, clip, refine(host, PROMPT, longest), 0.0, 0.0)
+    assert [len(p) > 512 for p in controller_of(host, patched).plan.prompts] == [False, True]
     assert_same(out[0], plain(host, model, clip, PROMPT, size=SIZE, steps=3, **guidance("flux2"))[0])
     assert_same(out[1], plain(host, model, clip, longest, size=SIZE, steps=3, **guidance("flux2"))[0])
 
