@@ -271,7 +271,7 @@ class P2PController:
 
     @property
     def columns_width(self) -> int | None:
-        """The conditioning's width in the padded layouts (None when tiled: any common multiple)."""
+        """The conditioning's width in the padded layout (None when tiled: any common multiple)."""
         return sum(common_lengths(self.plan.prompts)) if self.layout == PADDED else None
 
     def prompt_columns(self, keys: int) -> list[Columns]:
