@@ -194,7 +194,7 @@ def test_training_captions_leave_the_places_out_of_about_half_of_the_pictures(ho
 def test_going_on_from_a_checkpoint_finds_the_dataset_its_run_encoded(host, monkeypatch, tmp_path):
     """``train_world.dataset_name``: the encoded dataset is named by the encoder's weights as the
     checkpoint keeps them (float16), so ``--init`` reuses the dataset of the run that wrote the
-    checkpoint (minutes of the hour on 2 CPU cores), and another encoder encodes anew."""
+    checkpoint (4.5 minutes of the hour on 2 CPU cores), and another encoder encodes anew."""
     if host.version != "current":
         pytest.skip("the training script runs on the late-2025 host (the world families build trainable text encoders there)")
     monkeypatch.syspath_prepend(str(world_model.REPO / "scripts"))
