@@ -358,9 +358,10 @@ def check_same_run(saved: dict | None, args: argparse.Namespace, folder: Path) -
     """Refuses to go on from a state trained with other settings (``saved``: its ``run_settings``;
     None in states written before they were kept). The state folder is named by the family, the seed
     and the ``--init`` checkpoint only, so two recipes from one checkpoint would share it."""
+    if saved is None:
+        return
     now = run_settings(args)
-    changed = [f"--{name.replace('_', '-')} {saved.get(name)} (now {now[name]})" for name in RUN_SETTINGS
-               if saved is not None and saved.get(name) != now[name]]
+    changed = [f"--{name.replace('_', '-')} {saved.get(name)} (now {now[name]})" for name in RUN_SETTINGS if saved.get(name) != now[name]]
     if changed:
         raise SystemExit(f"train_world.py: the state in {folder} was trained with {', '.join(changed)}: run with "
                          "those to go on from it, or give another --state (or remove that folder) to start anew")
