@@ -163,6 +163,7 @@ def train_vae(parts, images: np.ndarray, state: State, args: argparse.Namespace)
     if saved is None:
         start_as_block_average(vae)
     else:
+        check_same_run(saved.get("settings"), args, state.folder, VAE_SETTINGS)
         vae.load_state_dict(saved["vae"])
         optimizer.load_state_dict(saved["optimizer"])
         step = saved["step"]
@@ -185,7 +186,8 @@ def train_vae(parts, images: np.ndarray, state: State, args: argparse.Namespace)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.5f}")
             if time.monotonic() - last_save > SAVE_EVERY_S or step == args.vae_steps:
-                state.save("vae", {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step})
+                state.save("vae", {"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                   "settings": run_settings(args, VAE_SETTINGS)})
                 last_save = time.monotonic()
                 generator = np.random.default_rng([args.seed, 1, step])
 
@@ -344,24 +346,28 @@ class NoiseLevelBalance:
         self.means = saved["means"]
 
 
-# What a denoiser state was trained with. Going on from it with other values would mix two recipes
-# without a word, or, once it is done, write the earlier run's model under the new --out.
-RUN_SETTINGS = ("images", "placeless_share", "batch", "lr", "ema", "content_free_ramp", "high_noise_share",
+# What a state was trained with, the VAE's and the denoiser's. Going on from it with other values
+# would mix two recipes without a word, or, once it is done, use the earlier run's VAE or write the
+# earlier run's model under the new --out.
+VAE_SETTINGS = ("images", "vae_steps", "vae_batch", "vae_lr")
+RUN_SETTINGS = ("images", "placeless_share", "batch", "lr", "adam_beta2", "ema", "content_free_ramp", "high_noise_share",
                 "mid_noise_share", "balance_noise_levels")
 
 
-def run_settings(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in RUN_SETTINGS}
+def run_settings(args: argparse.Namespace, names: tuple[str, ...] = RUN_SETTINGS) -> dict:
+    return {name: getattr(args, name) for name in names}
 
 
-def check_same_run(saved: dict | None, args: argparse.Namespace, folder: Path) -> None:
-    """Refuses to go on from a state trained with other settings (``saved``: its ``run_settings``;
-    None in states written before they were kept). The state folder is named by the family, the seed
-    and the ``--init`` checkpoint only, so two recipes from one checkpoint would share it."""
+def check_same_run(saved: dict | None, args: argparse.Namespace, folder: Path, names: tuple[str, ...] = RUN_SETTINGS) -> None:
+    """Refuses to go on from a state trained with other settings (``saved``: its ``run_settings`` of
+    ``names``; None in states written before they were kept). The state folder is named by the
+    family, the seed and the ``--init`` checkpoint only, so two recipes from one checkpoint, or two
+    from scratch, would share it."""
     if saved is None:
         return
-    now = run_settings(args)
-    changed = [f"--{name.replace('_', '-')} {saved.get(name)} (now {now[name]})" for name in RUN_SETTINGS if saved.get(name) != now[name]]
+    now = run_settings(args, names)
+    # A setting added since the state was written (--adam-beta2) had its default then.
+    changed = [f"--{name.replace('_', '-')} {saved[name]} (now {now[name]})" for name in names if name in saved and saved[name] != now[name]]
     if changed:
         raise SystemExit(f"train_world.py: the state in {folder} was trained with {', '.join(changed)}: run with "
                          "those to go on from it, or give another --state (or remove that folder) to start anew")
@@ -376,7 +382,7 @@ def train_denoiser(parts, family, dataset: dict, state: State, args: argparse.Na
     modules = {name: m.to(args.device) for name, m in parts.trainable().items()}
     ema = {name: copy.deepcopy(m).requires_grad_(False) for name, m in modules.items()}
     params = [p for m in modules.values() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=True)  # one kernel per step: about 9% of a CPU step
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, args.adam_beta2), weight_decay=0.0, fused=True)  # one kernel per step: about 9% of a CPU step
     step, planned = 0, args.steps
     balance = NoiseLevelBalance(len(parts.model.model_sampling.sigmas), args.balance_noise_levels) if args.balance_noise_levels else None
     saved = state.load("denoiser")
@@ -493,6 +499,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500, help="denoiser steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--adam-beta2", type=float, default=0.999,
+                        help="AdamW's second-moment decay (0.99: the middle steps taught the shapes after 8,800 steps; README)")
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--content-free-ramp", type=float, nargs=2, metavar=("START", "END"),
                         help="fractions of the steps between which the share of captions read from their words only "

@@ -221,7 +221,8 @@ def test_going_on_from_a_checkpoint_finds_the_dataset_its_run_encoded(host, monk
 def test_going_on_from_a_state_trained_with_other_settings_is_refused(monkeypatch, tmp_path):
     """``train_world.check_same_run``: the state folder is named by the family, the seed and the
     ``--init`` checkpoint, so a second recipe from the same checkpoint would find the first one's
-    state, and, once that is done, write its model under the new ``--out``."""
+    state, and, once that is done, write its model under the new ``--out``; a second recipe from
+    scratch would find the first one's VAE."""
     monkeypatch.syspath_prepend(str(world_model.REPO / "scripts"))
     import argparse
 
@@ -230,8 +231,15 @@ def test_going_on_from_a_state_trained_with_other_settings_is_refused(monkeypatc
     settings = {name: 0.0 for name in train_world.RUN_SETTINGS} | {"lr": 3e-4, "content_free_ramp": (0.0, 0.0)}
     train_world.check_same_run(settings, argparse.Namespace(**settings), tmp_path)  # the same run goes on
     train_world.check_same_run(None, argparse.Namespace(**settings), tmp_path)  # a state from before the settings were kept
+    older = {name: value for name, value in settings.items() if name != "adam_beta2"}  # from before --adam-beta2
+    train_world.check_same_run(older, argparse.Namespace(**settings), tmp_path)
     with pytest.raises(SystemExit, match=r"was trained with --lr 0.0003 \(now 0.0006\)"):
         train_world.check_same_run(settings, argparse.Namespace(**(settings | {"lr": 6e-4})), tmp_path)
+    # the VAE's state too: a run from scratch with other VAE settings would use the earlier VAE
+    vae = {"images": 8000, "vae_steps": 400, "vae_batch": 12, "vae_lr": 2e-4}
+    train_world.check_same_run(vae, argparse.Namespace(**vae), tmp_path, train_world.VAE_SETTINGS)
+    with pytest.raises(SystemExit, match=r"was trained with --vae-steps 400 \(now 800\)"):
+        train_world.check_same_run(vae, argparse.Namespace(**(vae | {"vae_steps": 800})), tmp_path, train_world.VAE_SETTINGS)
 
 
 def test_a_world_model_from_scratch_starts_its_word_embeddings_at_unit_scale(host):
