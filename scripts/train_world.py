@@ -348,9 +348,10 @@ class NoiseLevelBalance:
 
 # What a state was trained with, the VAE's and the denoiser's. Going on from it with other values
 # would mix two recipes without a word, or, once it is done, use the earlier run's VAE or write the
-# earlier run's model under the new --out.
+# earlier run's model under the new --out (a state keeps the plan of steps it was given: more
+# steps than that are a run from its checkpoint, --init).
 VAE_SETTINGS = ("images", "vae_steps", "vae_batch", "vae_lr")
-RUN_SETTINGS = ("images", "placeless_share", "batch", "lr", "adam_beta2", "ema", "content_free_ramp", "high_noise_share",
+RUN_SETTINGS = ("images", "placeless_share", "steps", "batch", "lr", "adam_beta2", "ema", "content_free_ramp", "high_noise_share",
                 "mid_noise_share", "balance_noise_levels")
 
 

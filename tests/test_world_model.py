@@ -235,6 +235,8 @@ def test_going_on_from_a_state_trained_with_other_settings_is_refused(monkeypatc
     train_world.check_same_run(older, argparse.Namespace(**settings), tmp_path)
     with pytest.raises(SystemExit, match=r"was trained with --lr 0.0003 \(now 0.0006\)"):
         train_world.check_same_run(settings, argparse.Namespace(**(settings | {"lr": 6e-4})), tmp_path)
+    with pytest.raises(SystemExit, match=r"was trained with --steps 0.0 \(now 20000\)"):  # more steps would be ignored
+        train_world.check_same_run(settings, argparse.Namespace(**(settings | {"steps": 20000})), tmp_path)
     # the VAE's state too: a run from scratch with other VAE settings would use the earlier VAE
     vae = {"images": 8000, "vae_steps": 400, "vae_batch": 12, "vae_lr": 2e-4}
     train_world.check_same_run(vae, argparse.Namespace(**vae), tmp_path, train_world.VAE_SETTINGS)
