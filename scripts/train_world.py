@@ -319,9 +319,9 @@ class NoiseLevelBalance:
     the objects' outlines, gets a small share of the gradient from every batch that also holds the
     top (the ``_noised`` docstring in tests/world_model.py: the top drowns the outlines). At power 1,
     10,000 steps from scratch were then ready for the 10 minutes on the middle band (shapes 0.76),
-    but the top's smaller share placed the objects worse (0.70; README). Levels are grouped in
-    ``bands`` of the schedule's steps; each band's mean is an average that forgets at ``decay`` per
-    row (about 100 steps at batch 16). Tensor ops only: no wait for a GPU."""
+    but the top's smaller share placed the objects worse (0.70; docs/world_training.md). Levels are
+    grouped in ``bands`` of the schedule's steps; each band's mean is an average that forgets at
+    ``decay`` per row (about 100 steps at batch 16). Tensor ops only: no wait for a GPU."""
 
     def __init__(self, levels: int, power: float = 1.0, bands: int = 20, decay: float = 0.99) -> None:
         self.levels, self.power, self.bands, self.decay = levels, power, bands, decay
@@ -501,7 +501,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--adam-beta2", type=float, default=0.999,
-                        help="AdamW's second-moment decay (0.99: the middle steps taught the shapes after 8,800 steps; README)")
+                        help="AdamW's second-moment decay (0.99 in the README's 78-minute recipe, which favours shapes over "
+                             "places; docs/world_training.md)")
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--content-free-ramp", type=float, nargs=2, metavar=("START", "END"),
                         help="fractions of the steps between which the share of captions read from their words only "
@@ -512,11 +513,11 @@ def main() -> None:
     parser.add_argument("--mid-noise-share", type=float, default=0.0, metavar="SHARE",
                         help="share of the rows whose noise level is drawn from the middle of the schedule, where the caption "
                              "decides the objects' outlines: 1 to go on from an hour model that draws circles and squares "
-                             "alike (README); the others uniformly")
+                             "alike (README, docs/world_training.md); the others uniformly")
     parser.add_argument("--balance-noise-levels", type=float, nargs="?", const=1.0, default=0.0, metavar="POWER",
                         help="weigh each row's loss by its noise level's running mean loss to the power -POWER (bare: 1, "
                              "every level pulls alike; then the middle band teaches shapes after 10,000 steps, but places "
-                             "suffer: README); default 0, off")
+                             "suffer: docs/world_training.md); default 0, off")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="processes that render the dataset")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train (a GPU when there is one)")

@@ -246,8 +246,8 @@ def test_going_on_from_a_state_trained_with_other_settings_is_refused(monkeypatc
 
 def test_a_world_model_from_scratch_starts_its_word_embeddings_at_unit_scale(host):
     """``world_model._reset``: the text encoder's embeddings start at N(0, 1), PyTorch's default, not
-    CLIP's N(0, 0.02), from which training soon gave "circle" and "square" one state (README, "The
-    tiny world model")."""
+    CLIP's N(0, 0.02), from which training soon gave "circle" and "square" one state
+    (docs/world_training.md)."""
     if host.version != "current":
         pytest.skip("the training script runs on the late-2025 host (the world families build trainable text encoders there)")
     embeddings = world_model.FAMILIES["sd15"].build().encoder("l").transformer.get_input_embeddings().weight
@@ -257,7 +257,7 @@ def test_a_world_model_from_scratch_starts_its_word_embeddings_at_unit_scale(hos
 def test_training_draws_its_shares_of_the_rows_from_the_top_and_the_middle_of_the_schedule(host):
     """``world_model._noised``: shares of the rows from the schedule's top 40% (sigma 2.3 and up on
     SD1.x's) and from its middle (sigma 0.57 to 3.3), the others from all of it; without a middle
-    share, a seed draws what it drew before the middle band existed (the README's runs)."""
+    share, a seed draws what it drew before the middle band existed (the runs in docs/world_training.md)."""
     if host.version != "current":
         pytest.skip("the training script runs on the late-2025 host (the world families build trainable text encoders there)")
     parts = world_model.FAMILIES["sd15"].build()

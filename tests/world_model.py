@@ -238,7 +238,7 @@ def _reset(module: torch.nn.Module) -> None:
     learning rate a step, so from CLIP's start the words' own differences are soon outweighed and
     words that the denoiser cannot yet tell apart get one embedding and keep it (an hour from scratch
     gave "circle" and "square" states 0.04 apart and drew them alike); from N(0, 1) they stay apart,
-    and the same hour placed two and three objects better (README, "The tiny world model")."""
+    and the same hour placed two and three objects better (docs/world_training.md)."""
     with torch.no_grad():
         for sub in module.modules():
             if isinstance(sub, torch.nn.modules.conv._ConvNd):
