@@ -148,12 +148,9 @@ def test_training_keeps_the_caption_out_of_the_padding_of_the_free_rows_only(hos
     assert loss > 0
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux"])
-def test_training_copies_what_autograd_saves_only_in_denoisers_that_add_in_place(host, monkeypatch, family):
-    """``Family.adds_in_place``: ``scripts/train_world.py`` copies the tensors autograd saves in the
-    text encoders and, where the flag says so, in the denoiser. The flag must be true where the
-    backward needs the copies (Flux's blocks add their residuals in place), and false only where it
-    does not (SD1.x's UNet: the copies cost 5% of its CPU step)."""
+def _training_parts_and_two_captions(host, monkeypatch, family: str) -> tuple:
+    """(the training script, the family, its parts, what the denoiser sees of two captions as the
+    script encodes them, the first's padding content-free)."""
     if host.version != "current":
         pytest.skip("the training script runs on the late-2025 host (the world families build trainable text encoders there)")
     monkeypatch.syspath_prepend(str(world_model.REPO / "scripts"))
@@ -164,6 +161,16 @@ def test_training_copies_what_autograd_saves_only_in_denoisers_that_add_in_place
     tokens = torch.tensor([parts.token_ids("a small red circle on a plain white background")] * 2)
     with train_world.copying_saved_tensors():
         cond, _ = train_world.content_free_padding(parts, tokens, torch.tensor(parts.token_ids("")), torch.tensor([True, False]))
+    return train_world, world, parts, cond
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_training_copies_what_autograd_saves_only_in_denoisers_that_add_in_place(host, monkeypatch, family):
+    """``Family.adds_in_place``: ``scripts/train_world.py`` copies the tensors autograd saves in the
+    text encoders and, where the flag says so, in the denoiser. The flag must be true where the
+    backward needs the copies (Flux's blocks add their residuals in place), and false only where it
+    does not (SD1.x's UNet: the copies cost 5% of its CPU step)."""
+    train_world, world, parts, cond = _training_parts_and_two_captions(host, monkeypatch, family)
     channels = parts.vae.taesd_encoder[-1].out_channels
     losses, _ = world.loss(parts, torch.randn(2, channels, 16, 16), cond, torch.Generator().manual_seed(0), (0.5, 0.0))
     if world.adds_in_place:
@@ -171,6 +178,23 @@ def test_training_copies_what_autograd_saves_only_in_denoisers_that_add_in_place
             losses.sum().backward()
     else:
         losses.sum().backward()
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_coarse_steps_train_every_weight_on_the_latents_at_half_their_size(host, monkeypatch, family):
+    """``train_world.coarse`` (``--coarse-share``): each 2x2 block's mean, which both families'
+    denoisers take as they take the full latents (the UNet's deepest level at 1x1, Flux's 4x4
+    tokens): one loss a row, and a gradient for every weight of the denoiser."""
+    train_world, world, parts, cond = _training_parts_and_two_captions(host, monkeypatch, family)
+    latents = torch.arange(16.0).reshape(1, 1, 4, 4).expand(3, 4, 4, 4).to(torch.float16)
+    assert torch.equal(train_world.coarse(latents)[0, 0], torch.tensor([[2.5, 4.5], [10.5, 12.5]], dtype=torch.float16))
+    full = torch.randn(2, parts.vae.taesd_encoder[-1].out_channels, 16, 16)
+    with train_world.copying_saved_tensors():
+        losses, _ = world.loss(parts, train_world.coarse(full), cond, torch.Generator().manual_seed(0), (0.5, 0.0))
+    assert losses.shape == (2,) and bool(losses.isfinite().all())
+    losses.sum().backward()
+    denoiser = parts.model.diffusion_model
+    assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in denoiser.parameters() if p.requires_grad)
 
 
 def test_training_captions_leave_the_places_out_of_about_half_of_the_pictures(host, monkeypatch):
