@@ -5,6 +5,9 @@ The floor on P2P's edit quality with this model is ``test_edit_quality.py``.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -195,6 +198,16 @@ def test_coarse_steps_train_every_weight_on_the_latents_at_half_their_size(host,
     losses.sum().backward()
     denoiser = parts.model.diffusion_model
     assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in denoiser.parameters() if p.requires_grad)
+
+
+def test_coarse_steps_with_a_time_limit_are_refused_before_anything_runs():
+    """``--coarse-share`` with ``--minutes``: the schedule would be fitted to the time at the speed
+    of the half-size steps, and the switch to the full latents would move with every fit."""
+    script = world_model.REPO / "scripts" / "train_world.py"
+    result = subprocess.run([sys.executable, str(script), "--coarse-share", "0.7", "--minutes", "60"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--coarse-share trains at two speeds, so --minutes cannot fit its schedule to the time: give --steps" in result.stderr
 
 
 def test_training_captions_leave_the_places_out_of_about_half_of_the_pictures(host, monkeypatch):
