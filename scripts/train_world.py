@@ -379,7 +379,7 @@ def coarse(latents: torch.Tensor) -> torch.Tensor:
     layout, colours and background at 64 px. The UNet (convolutions and attention over any size)
     and the DiT (patches of any grid) take them as they are, and a step on them costs a fraction of
     one at the full size: on 2 CPU cores 4.5 steps a second at batch 32 against 3.0 at batch 16
-    (three times the samples a second). So from scratch the model can learn the world on them
+    (three times the samples a second; four timings gave 2.6 to 3.1 times). So from scratch the model can learn the world on them
     first, and its details on the full latents after."""
     return torch.nn.functional.avg_pool2d(latents.float(), 2).to(latents.dtype)
 
@@ -533,7 +533,7 @@ def main() -> None:
                              "suffer: docs/world_training.md); default 0, off")
     parser.add_argument("--coarse-share", type=float, default=0.0, metavar="SHARE",
                         help="train the first SHARE of the steps on the latents at half their size (2x2 means), --coarse-batch rows a step: "
-                             "three times the samples a second on 2 CPU cores (README, 'How long training takes')")
+                             "2.6 to 3.1 times the samples a second on 2 CPU cores in four timings (README, 'How long training takes')")
     parser.add_argument("--coarse-batch", type=int, default=32, help="rows a step on the half-size latents (--coarse-share)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="processes that render the dataset")
